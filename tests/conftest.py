@@ -1,0 +1,31 @@
+"""Shared fixtures. Fast tests use tiny random models; `real` tests load the packaged SmolLM2/MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the packaged SmolLM2-135M, loaded once per session."""
+    from qcompile.models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_qgraph(smollm2):
+    """SmolLM2 captured once per session (dynamic batch/sequence), with its example input ids."""
+    import qcompile
+
+    model, tok = smollm2
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    return qcompile.capture(model, (ids,)), ids
