@@ -101,13 +101,25 @@ def capture(
             f"capture: torch.export failed on {type(model).__name__}: {type(exc).__name__}: {exc}\n"
             "Try dynamic=False, or torch.compile(model, backend='qcompile'), which tolerates graph breaks."
         ) from exc
+    return qgraph_from_exported(exported, source="torch.export", module_names=names)
+
+
+def qgraph_from_exported(
+    exported: torch.export.ExportedProgram, *, source: str, module_names: dict[str, str]
+) -> QGraph:
+    """The tail both front doors share: unlift ``exported`` and bring it to QGraph form.
+
+    ``capture`` and the ``torch.compile`` backend both end here, so a pass can never tell which door a
+    graph came through: the same unlifting (constants become ``get_attr``), the same flat calling
+    convention (pytree specs kept on the QGraph), the same :func:`normalize`.
+    """
     gm = exported.module()
     in_spec = exported.call_spec.in_spec
     out_spec = exported.call_spec.out_spec
     _flatten_codegen(gm)
     normalize(gm)
-    _record_module_names(gm, names)
-    return QGraph(gm, in_spec, out_spec, source="torch.export", module_names=names)
+    _record_module_names(gm, module_names)
+    return QGraph(gm, in_spec, out_spec, source=source, module_names=module_names)
 
 
 def _positional_names(module: torch.nn.Module, n: int) -> list[str]:

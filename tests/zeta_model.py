@@ -73,7 +73,15 @@ class Cell(nn.Module):
 
 
 class Zeta(nn.Module):
-    def __init__(self, vocab: int = 96, dim: int = 48, hidden: int = 80, layers: int = 2, heads: int = 6, kv_heads: int = 2):
+    def __init__(
+        self,
+        vocab: int = 96,
+        dim: int = 48,
+        hidden: int = 80,
+        layers: int = 2,
+        heads: int = 6,
+        kv_heads: int = 2,
+    ):
         super().__init__()
         torch.manual_seed(0)
         self.tok = nn.Embedding(vocab, dim)

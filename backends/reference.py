@@ -1,0 +1,83 @@
+"""The reference backend: run a QGraph in plain torch, on any device.
+
+This is the ground truth the Triton and ONNX backends are measured against, so it does nothing
+clever: it moves a private copy of the graph to the device and calls it. Custom qcompile ops run
+through their torch reference implementations.
+
+Moving is more than moving constants: a graph traced on one device has that device baked into some
+calls (``aten.arange(..., device=cpu)``, ``aten.to.device(x, cpu)``), so those arguments are
+rewritten too. The caller's QGraph is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from qcompile.ir import QGraph
+
+__all__ = ["ReferenceRunner", "run"]
+
+
+def _graph_device(qgraph: QGraph) -> torch.device:
+    """Where the QGraph's constants live (CPU for a graph without constants)."""
+    for t in qgraph.graph_module.buffers():
+        return t.device
+    for t in qgraph.graph_module.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _retarget_devices(graph: fx.Graph, src: torch.device, dst: torch.device) -> None:
+    """Point every device argument of ``src``'s type at ``dst`` (``cpu`` -> ``cuda:0``, ...)."""
+
+    def swap(a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == src.type:
+            return dst
+        return a
+
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.args = fx.node.map_aggregate(node.args, swap)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+
+
+class ReferenceRunner:
+    """A QGraph ready to run on ``device``: ``ReferenceRunner(qgraph, "cuda")(*inputs)``.
+
+    Inputs are moved to the device; outputs come back in the captured module's output structure
+    (e.g. a transformers ``ModelOutput``), on the device. ``device=None`` runs where the QGraph's
+    constants already are, without a copy.
+    """
+
+    def __init__(self, qgraph: QGraph, device: torch.device | str | None = None) -> None:
+        if not isinstance(qgraph, QGraph):
+            raise TypeError(f"ReferenceRunner: expected a QGraph, got {type(qgraph).__name__}")
+        src = _graph_device(qgraph)
+        self.device = torch.device(device) if device is not None else src
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device == src:
+            self.qgraph = qgraph
+        else:
+            self.qgraph = qgraph.copy().to(self.device)
+            _retarget_devices(self.qgraph.graph, src, self.device)
+            self.qgraph.recompile()
+
+    def _to_device(self, x: Any) -> Any:
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map(self._to_device, (args, kwargs))
+        return self.qgraph(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ReferenceRunner({self.qgraph!r}, device={self.device})"
+
+
+def run(qgraph: QGraph, *args: Any, device: torch.device | str | None = None, **kwargs: Any) -> Any:
+    """Run ``qgraph`` once on ``device`` (see :class:`ReferenceRunner`); for repeated calls, keep a runner."""
+    return ReferenceRunner(qgraph, device)(*args, **kwargs)
