@@ -1,4 +1,11 @@
 """Built-in passes, one module per pass. Importing this package registers each of them in
 :data:`qcompile.pass_base.PASS_REGISTRY` (``get_pass_class`` imports it on first use)."""
 
-from qcompile.passes import identity  # noqa: F401
+from qcompile.passes import (  # noqa: F401
+    analyze,
+    calibrate,
+    detect_outliers,
+    identity,
+    quantize,
+    smooth,
+)

@@ -4,6 +4,7 @@ Front doors: :func:`capture` (torch.export) and ``torch.compile(model, backend="
 :func:`quantize` runs a recipe; :class:`QGraph` is the one IR.
 """
 
+from qcompile import ops  # noqa: F401  (registers the qcompile:: custom ops a quantized graph calls)
 from qcompile.capture import CaptureError, capture
 from qcompile.ir import QGraph
 

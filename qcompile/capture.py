@@ -87,6 +87,8 @@ def capture(
     kwargs = dict(example_kwargs or {})
     work = prepare_module_copy(model)
     names = _module_paths(work)
+    if dynamic:
+        args, kwargs = _widen_unit_batch(args, kwargs)
     dynamic_shapes = _auto_dynamic_shapes(args, kwargs) if dynamic else None
     if dynamic_shapes is not None and kwargs:
         dynamic_shapes = {**dict(zip(_positional_names(work, len(args)), dynamic_shapes[0])), **dynamic_shapes[1]}
@@ -120,6 +122,23 @@ def qgraph_from_exported(
     normalize(gm)
     _record_module_names(gm, module_names)
     return QGraph(gm, in_spec, out_spec, source=source, module_names=module_names)
+
+
+def _widen_unit_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Trace a batch of one at batch two, so the batch dimension stays symbolic.
+
+    torch.export specialises every dimension whose example size is 0 or 1; a QGraph captured from a
+    single calibration window would then refuse a batch of eight. When every tensor input has a
+    leading dimension of 1, the example is repeated along it (values are unchanged per row).
+    """
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+
+    def widen(x: Any) -> Any:
+        return torch.cat([x, x], dim=0) if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(widen, args), pytree.tree_map(widen, kwargs)
 
 
 def _positional_names(module: torch.nn.Module, n: int) -> list[str]:

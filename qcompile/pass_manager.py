@@ -94,6 +94,9 @@ class PassManager:
     def run(self, qgraph: QGraph, ctx: PassContext | None = None) -> PipelineResult:
         """Run the pipeline on a copy of ``qgraph`` and return the result (``qgraph`` is untouched)."""
         ctx = ctx if ctx is not None else PassContext()
+        # Passes may read their neighbours' options (e.g. smooth searches α under the quantize pass's
+        # own quantizers): the pipeline is configuration, so it travels in the context.
+        ctx.state["pipeline_passes"] = list(self.passes)
         work = qgraph.copy()
         start = time.perf_counter()
         for inst in self.instruments:

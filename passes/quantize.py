@@ -1,0 +1,349 @@
+"""``quantize``: insert quantize/dequantize around every selected linear (RTN weights, QDQ activations).
+
+For each linear found by the ``analyze`` pass (``qgraph.info["structure"]``):
+
+- **weight**: the float constant W is replaced by ``qcompile.dequantize(q, scale, zero_point, g)`` on
+  new constants computed offline by :func:`qcompile.quantizers.quantize_weight` — the weight's
+  quantize step is already constant-folded. The float constant is removed when nothing else reads
+  it (a tied embedding keeps it).
+- **input activation** (unless ``act_mode = "none"``): dynamic per token,
+  ``choose_qparams_per_token → quantize → dequantize``; or static per tensor, ``quantize →
+  dequantize`` with a scale from the calibrated abs-max (``ctx.state["calibration"]``, written by the
+  ``calibrate`` pass). Linears that read the same tensor (q, k, v; gate, up) share one QDQ chain.
+
+Scale rules and the ragged last group are those of :mod:`qcompile.quantizers`. The embedding is
+excluded by construction (a gather, not a linear); ``lm_head`` is excluded by default. Every
+inserted node gets ``meta["val"]`` from the ops' fake implementations, and each quantized linear
+gets ``node.meta["qcompile"]["quant"]`` = its scheme string (e.g. ``w4g128s-a8ts``, see
+:mod:`qcompile.qscheme`). The report gives per-linear weight SQNR and, when calibration samples
+exist, output SQNR on them (``X Wᵀ`` vs ``X̂ Ŵᵀ``, the activation scheme applied, bias left out).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from qcompile import meta as qmeta
+from qcompile import ops
+from qcompile.ir import QGraph
+from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.qscheme import ActQuantSpec, WeightQuantSpec, scheme_string
+from qcompile.quantizers import (
+    fake_quant_activation,
+    quantize_weight,
+    sqnr_db,
+    static_per_tensor_qparams,
+)
+from qcompile.structure import LinearSite, Structure
+
+NO_CALIBRATION = "run the calibrate pass first or choose act_mode=dynamic_per_token"
+
+
+@dataclass
+class LinearQuantReport:
+    """What happened to one linear: its scheme and the error it now makes."""
+
+    node: str
+    role: str
+    layer: int | None
+    scheme: str
+    weight_sqnr_db: float  # W vs Ŵ
+    output_sqnr_db: float | None = None  # X Wᵀ vs X̂ Ŵᵀ on calibration samples, when there are any
+    mean_clip_ratio: float | None = None  # clip search only
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Round-to-nearest weights + QDQ activations on every selected linear (see the module docstring)."""
+
+    name: ClassVar[str] = "quantize"
+    kind = "quantize"
+    requires: ClassVar[tuple[str, ...]] = ("analyze",)
+
+    @dataclass
+    class Options:
+        """Quantization scheme of the linears (defaults: W8A8, per-channel weights, per-token acts)."""
+
+        weight_bits: int = 8
+        weight_symmetric: bool = True
+        group_size: int = 0  # 0 = per output channel; g = groups of g input channels (ragged last)
+        clip_search: bool = False  # search a range shrink per row/group (output error if calibrated)
+        act_bits: int = 8
+        act_mode: Literal["dynamic_per_token", "static_per_tensor", "none"] = "dynamic_per_token"
+        act_symmetric: bool = True
+        exclude_roles: list[str] = field(default_factory=lambda: ["lm_head"])
+        include_roles: list[str] | None = None  # None = every role not excluded
+
+        def __post_init__(self) -> None:
+            self.weight_spec()  # validates bits / group size
+            self.act_spec()
+
+        def weight_spec(self) -> WeightQuantSpec:
+            return WeightQuantSpec(self.weight_bits, self.weight_symmetric, self.group_size, self.clip_search)
+
+        def act_spec(self) -> ActQuantSpec:
+            return ActQuantSpec(self.act_bits, self.act_mode, self.act_symmetric)
+
+    def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
+        st: Structure | None = qgraph.info.get("structure")
+        if st is None:
+            raise PassError(self.name, "no structure on the graph; run the analyze pass first")
+        wspec, aspec = self.options.weight_spec(), self.options.act_spec()
+        calibration: dict[str, Any] | None = ctx.state.get("calibration")
+        by_name = {n.name: n for n in qgraph.graph.nodes}
+        rewriter = _Rewriter(qgraph)
+        rows: list[LinearQuantReport] = []
+        excluded: list[dict[str, str]] = []
+        for site in st.linears.values():
+            node = by_name[site.node]
+            reason = self._exclusion(site, node)
+            if reason is not None:
+                excluded.append({"node": site.node, "role": site.role, "reason": reason})
+                continue
+            stats = calibration.get(site.node) if calibration is not None else None
+            if aspec.mode == "static_per_tensor" and stats is None:
+                why = "no calibration statistics" if calibration is None else "no calibration entry for it"
+                raise PassError(
+                    self.name, f"act_mode=static_per_tensor but {why}; {NO_CALIBRATION}", site.node
+                )
+            rows.append(self._quantize_linear(qgraph, rewriter, node, site, wspec, aspec, stats))
+        rewriter.drop_unused_weights()
+        qgraph.recompile()
+        qgraph.info[self.name] = {r.node: r.scheme for r in rows}
+        report = _report(rows, excluded, scheme_string(wspec, aspec))
+        return PassResult(qgraph, changed=bool(rows), report=report, summary=_summary(report, rows))
+
+    def _exclusion(self, site: LinearSite, node: fx.Node) -> str | None:
+        opts = self.options
+        if site.role in opts.exclude_roles:
+            return f"role {site.role} in exclude_roles"
+        if opts.include_roles is not None and site.role not in opts.include_roles:
+            return f"role {site.role} not in include_roles"
+        w = node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) == site.weight):
+            return "weight is no longer a float constant (already quantized?)"
+        return None
+
+    def _quantize_linear(
+        self,
+        qgraph: QGraph,
+        rewriter: _Rewriter,
+        node: fx.Node,
+        site: LinearSite,
+        wspec: WeightQuantSpec,
+        aspec: ActQuantSpec,
+        stats: Any,
+    ) -> LinearQuantReport:
+        w = qgraph.get_constant(site.weight)
+        samples = getattr(stats, "samples", None) if stats is not None else None
+        xtx = getattr(stats, "xtx", None) if stats is not None else None
+        n = site.in_features
+        for what, t, ok in (
+            ("samples", samples, samples is None or (samples.dim() == 2 and samples.shape[1] == n)),
+            ("xtx", xtx, xtx is None or tuple(xtx.shape) == (n, n)),
+        ):
+            if not ok:
+                raise PassError(
+                    self.name,
+                    f"calibration {what} have shape {tuple(t.shape)} but the linear has {n} inputs; "
+                    "was the graph changed after calibration? re-run the calibrate pass",
+                    site.node,
+                )
+        qw = quantize_weight(w, wspec, samples=samples, xtx=xtx)
+        w_hat = qw.dequantize()
+        rewriter.replace_weight(node, qw)
+        static_range = self._static_range(site, stats, aspec) if aspec.mode == "static_per_tensor" else None
+        if aspec.enabled:
+            rewriter.quantize_input(node, aspec, static_range)
+        scheme = scheme_string(wspec, aspec)
+        qmeta.set_(node, qmeta.QUANT, scheme)
+        out_sqnr = None
+        if samples is not None and samples.numel():
+            x = samples.to(device=w.device, dtype=w.dtype)
+            out_sqnr = sqnr_db(x @ w.T, fake_quant_activation(x, aspec, static_range) @ w_hat.T)
+        clip = float(qw.clip_ratio.mean()) if qw.clip_ratio is not None else None
+        return LinearQuantReport(site.node, site.role, site.layer, scheme, sqnr_db(w, w_hat), out_sqnr, clip)
+
+    def _static_range(self, site: LinearSite, stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
+        """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
+        extremes of the per-channel min/max."""
+        if aspec.symmetric:
+            absmax = float(stats.tensor_absmax)
+            return -absmax, absmax
+        lo, hi = getattr(stats, "channel_min", None), getattr(stats, "channel_max", None)
+        if lo is None or hi is None:
+            raise PassError(
+                self.name,
+                "asymmetric static activations need channel_min/channel_max from calibration",
+                site.node,
+            )
+        return float(lo.min()), float(hi.max())
+
+
+class _Rewriter:
+    """Graph surgery for the pass: new constants and op nodes, each with ``meta["val"]``."""
+
+    def __init__(self, qgraph: QGraph) -> None:
+        self.qgraph = qgraph
+        self.fake_mode = _graph_fake_mode(qgraph)
+        self.replaced: list[fx.Node] = []  # float weight get_attr nodes that lost a user
+        self.act_cache: dict[tuple, fx.Node] = {}  # (input node, static range) -> dequantized input
+
+    def replace_weight(self, linear: fx.Node, qw: Any) -> None:
+        """linear(x, W) → linear(x, dequantize(q, scale, zp, g)), the constants computed offline."""
+        w_node = linear.args[1]
+        hint = str(w_node.target)
+        consts = [
+            self.qgraph.add_constant(f"{hint}_{suffix}", t, before=w_node)
+            for suffix, t in (("q", qw.q), ("scale", qw.scale), ("zero_point", qw.zero_point))
+        ]
+        deq = self._call(ops.DEQUANTIZE, (*consts, qw.group_size), before=linear, like=linear)
+        linear.replace_input_with(w_node, deq)
+        self.replaced.append(w_node)
+
+    def quantize_input(
+        self, linear: fx.Node, spec: ActQuantSpec, static_range: tuple[float, float] | None
+    ) -> None:
+        """Put a QDQ chain on the linear's input; linears reading the same tensor (and, when static,
+        with the same calibrated range) share it."""
+        x = linear.args[0]
+        key = (x, static_range)
+        if key not in self.act_cache:
+            if spec.mode == "dynamic_per_token":
+                qp = self._call(
+                    ops.CHOOSE_QPARAMS_PER_TOKEN, (x, spec.qmin, spec.qmax, spec.symmetric), linear, linear
+                )
+                scale = self._getitem(qp, 0, linear)
+                zp = self._getitem(qp, 1, linear)
+            else:
+                val = x.meta["val"]
+                s, z = (t.to(val.device) for t in static_per_tensor_qparams(*static_range, spec, val.dtype))
+                scale = self.qgraph.add_constant(
+                    f"{linear.name}_act_scale", s, before=_first_placeholder(self.qgraph)
+                )
+                zp = self.qgraph.add_constant(
+                    f"{linear.name}_act_zero_point", z, before=_first_placeholder(self.qgraph)
+                )
+            q = self._call(ops.QUANTIZE, (x, scale, zp, spec.qmin, spec.qmax, 0), linear, linear)
+            self.act_cache[key] = self._call(ops.DEQUANTIZE, (q, scale, zp, 0), linear, linear)
+        linear.replace_input_with(x, self.act_cache[key])
+
+    def drop_unused_weights(self) -> None:
+        """Erase float weight constants nothing reads any more (node and buffer)."""
+        graph = self.qgraph.graph
+        for w_node in dict.fromkeys(self.replaced):
+            if w_node.users:
+                continue
+            target = str(w_node.target)
+            graph.erase_node(w_node)
+            if any(n.op == "get_attr" and str(n.target) == target for n in graph.nodes):
+                continue
+            *path, leaf = target.split(".")
+            owner: Any = self.qgraph.graph_module
+            for part in path:
+                owner = getattr(owner, part)
+            owner._buffers.pop(leaf, None)
+            owner._parameters.pop(leaf, None)
+
+    # ---- node construction with meta["val"] ----
+
+    def _call(self, op: Any, args: tuple, before: fx.Node, like: fx.Node) -> fx.Node:
+        with self.qgraph.graph.inserting_before(before):
+            node = self.qgraph.graph.call_function(op, args)
+        with self.fake_mode:
+            node.meta["val"] = op(*(self._fake(a) for a in args))
+        module = qmeta.get(like).get(qmeta.MODULE)
+        if module:
+            qmeta.get(node)[qmeta.MODULE] = module
+        return node
+
+    def _getitem(self, node: fx.Node, index: int, before: fx.Node) -> fx.Node:
+        with self.qgraph.graph.inserting_before(before):
+            item = self.qgraph.graph.call_function(operator.getitem, (node, index))
+        item.meta["val"] = node.meta["val"][index]
+        return item
+
+    def _fake(self, arg: Any) -> Any:
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg.op == "get_attr":  # constants carry meta tensors; give the op fake ones on their device
+            return self.fake_mode.from_tensor(self.qgraph.get_constant(arg), static_shapes=True)
+        val = arg.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise PassError(
+                QuantizePass.name, "input has no tensor meta['val']; re-run capture/analyze", arg.name
+            )
+        return val if isinstance(val, FakeTensor) else self.fake_mode.from_tensor(val, static_shapes=True)
+
+
+def _graph_fake_mode(qgraph: QGraph) -> FakeTensorMode:
+    """The graph's own FakeTensorMode (so symbolic batch/sequence dims stay symbolic), else a new one."""
+    for node in qgraph.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _first_placeholder(qgraph: QGraph) -> fx.Node:
+    return next((n for n in qgraph.graph.nodes if n.op == "placeholder"), next(iter(qgraph.graph.nodes)))
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    finite = [v for v in values if v is not None]
+    if not finite:
+        return None
+    return {"min": min(finite), "median": statistics.median(finite)}
+
+
+def _report(rows: list[LinearQuantReport], excluded: list[dict[str, str]], scheme: str) -> dict[str, Any]:
+    return {
+        "scheme": scheme,
+        "quantized": len(rows),
+        "excluded": excluded,
+        "weight_sqnr_db": _stats([r.weight_sqnr_db for r in rows]),
+        "output_sqnr_db": _stats([r.output_sqnr_db for r in rows if r.output_sqnr_db is not None]),
+        "linears": [asdict(r) for r in rows],
+    }
+
+
+def _fmt_db(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "inf" if math.isinf(v) else f"{v:.1f}"
+
+
+def _summary(report: dict[str, Any], rows: list[LinearQuantReport], worst: int = 5) -> str:
+    w, o = report["weight_sqnr_db"], report["output_sqnr_db"]
+    excl = ", ".join(f"{e['node']} ({e['reason']})" for e in report["excluded"]) or "none"
+    lines = [f"{report['scheme']}: {report['quantized']} linears quantized; excluded: {excl}"]
+    if w:
+        lines.append(f"  weight SQNR min {_fmt_db(w['min'])} dB, median {_fmt_db(w['median'])} dB")
+    if o:
+        lines.append(
+            f"  output SQNR min {_fmt_db(o['min'])} dB, median {_fmt_db(o['median'])} dB (calibration samples)"
+        )
+    key = (lambda r: r.output_sqnr_db) if o else (lambda r: r.weight_sqnr_db)
+    ranked = sorted(rows, key=key)[:worst]
+    if ranked:
+        lines.append(
+            f"  worst {len(ranked)}:  {'node':<14} {'role':<7} {'layer':>5} {'weight dB':>10} {'output dB':>10}"
+        )
+        for r in ranked:
+            layer = "-" if r.layer is None else str(r.layer)
+            lines.append(
+                f"            {r.node:<14} {r.role:<7} {layer:>5} {_fmt_db(r.weight_sqnr_db):>10} "
+                f"{_fmt_db(r.output_sqnr_db):>10}"
+            )
+    return "\n".join(lines)

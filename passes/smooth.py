@@ -1,0 +1,171 @@
+"""``smooth``: SmoothQuant (fixed α) and SmoothQuant+ (α searched per group) through the equivalence
+engine. Groups come from the structural analysis; folding is the engine's; the calibration
+statistics of every smoothed input are rescaled in step (exactly: x → x/s), so later passes (the
+static activation quantizer, outlier reports) see the smoothed model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from qcompile import meta as qmeta
+from qcompile.equivalence import EquivalenceError, apply_diagonal
+from qcompile.ir import QGraph
+from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.qscheme import ActQuantSpec, WeightQuantSpec
+from qcompile.smoothing import (
+    GROUP_KINDS,
+    GroupChoice,
+    SearchObjective,
+    SmoothingGroup,
+    activation_absmax,
+    find_groups,
+    search_alpha,
+    smoothing_scales,
+    weight_absmax,
+)
+from qcompile.structure import Structure
+
+DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, …, 1 (METHODS.md, SmoothQuant+)
+
+
+@register_pass
+class SmoothPass(Pass):
+    """Migrate activation outliers into weights: producer channel j ÷ s_j, consumer columns × s_j."""
+
+    name: ClassVar[str] = "smooth"
+    kind = "equivalence"
+    requires = ("analyze", "calibrate")
+    # fp32 model, merges in float64: outputs move by rounding only.
+    tolerance = 1e-4
+
+    @dataclass
+    class Options:
+        alpha: float = 0.5  # SmoothQuant's migration strength (eq. 4)
+        search: bool = False  # SmoothQuant+: choose α per group on the quantized output error
+        alpha_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
+        groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))  # qkv gate_up down vo
+        # Quantizers the search optimises for; None = those of the recipe's `quantize` pass.
+        weight_bits: int | None = None
+        group_size: int | None = None
+        act_bits: int | None = None
+        act_mode: str | None = None
+        tolerance: float | None = None
+
+    def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        unknown = sorted(set(opts.groups) - set(GROUP_KINDS))
+        if unknown:
+            raise PassError(self.name, f"unknown group kind(s) {unknown}; valid: {', '.join(GROUP_KINDS)}")
+        st: Structure = qgraph.info["structure"]
+        stats = ctx.state.get("calibration")
+        if not stats:
+            raise PassError(self.name, "no calibration statistics in the context; run the calibrate pass first")
+        stats = dict(stats)
+        objective = self._objective(ctx) if opts.search else None
+        groups, skipped = find_groups(st, opts.groups)
+        choices: list[GroupChoice] = []
+        refused: list[dict[str, str]] = []
+        transformed: list[str] = []  # nodes whose values change on purpose (scaled, undone at the sinks)
+        for group in groups:
+            try:
+                choice, nodes = self._smooth_group(qgraph, st, group, stats, objective)
+            except EquivalenceError as err:
+                refused.append({"group": group.region.name, "kind": group.kind, "reason": str(err)})
+                continue
+            choices.append(choice)
+            transformed += nodes
+        ctx.state["calibration"] = stats
+        for node in qgraph.graph.nodes:
+            if node.name in stats:
+                qmeta.set_(node, qmeta.ACT_STATS, stats[node.name])
+        report = _report(choices, skipped, refused, objective)
+        report["transformed_nodes"] = transformed
+        return PassResult(qgraph, changed=any(c.alpha is not None for c in choices), report=report,
+                          summary=_summary(report))
+
+    def _objective(self, ctx: PassContext) -> SearchObjective:
+        """The quantizers of the recipe's quantize pass, overridden by this pass's options."""
+        q_opts = None
+        for p in ctx.state.get("pipeline_passes", []):
+            if p.name == "quantize":
+                q_opts = p.options
+        w_default = q_opts.weight_spec() if q_opts is not None else WeightQuantSpec()
+        a_default = q_opts.act_spec() if q_opts is not None else ActQuantSpec(mode="none")
+        o = self.options
+        w = WeightQuantSpec(
+            o.weight_bits or w_default.bits,
+            w_default.symmetric,
+            w_default.group_size if o.group_size is None else o.group_size,
+        )
+        a = ActQuantSpec(o.act_bits or a_default.bits, o.act_mode or a_default.mode, a_default.symmetric)
+        return SearchObjective(w, a)
+
+    def _smooth_group(
+        self,
+        qgraph: QGraph,
+        st: Structure,
+        group: SmoothingGroup,
+        stats: dict,
+        objective: SearchObjective | None,
+    ) -> tuple[GroupChoice, list[str]]:
+        missing = [s for s in group.sinks if s not in stats]
+        if missing:
+            raise PassError(self.name, f"no calibration statistics for {missing}", node=missing[0])
+        errors: dict[str, float] = {}
+        if objective is None:
+            alpha: float | None = self.options.alpha
+            s = smoothing_scales(activation_absmax(stats, group), weight_absmax(qgraph, st, group), alpha)
+        else:
+            alpha, s, errors = search_alpha(qgraph, st, group, stats, objective, self.options.alpha_grid)
+        choice = GroupChoice(
+            group.region.name, group.kind, group.layer, alpha, float(s.min()), float(s.max()),
+            errors.get("none"), errors.get(f"{alpha:g}") if alpha is not None else errors.get("none"), errors,
+        )
+        if alpha is None:
+            return choice, []
+        absorbed = apply_diagonal(qgraph, group.region, s, self.name)
+        for sink in group.sinks:
+            stats[sink] = stats[sink].scale_channels(s.to(torch.float32))
+        return choice, absorbed.sources + absorbed.path
+
+
+def _report(
+    choices: list[GroupChoice], skipped: list, refused: list[dict[str, str]], objective: SearchObjective | None
+) -> dict[str, Any]:
+    smoothed = [c for c in choices if c.alpha is not None]
+    return {
+        "mode": "search (SmoothQuant+)" if objective else "fixed alpha (SmoothQuant)",
+        "objective": (
+            {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()} if objective else None
+        ),
+        "groups_smoothed": len(smoothed),
+        "groups_left_alone": len(choices) - len(smoothed),
+        "skipped": [asdict(s) for s in skipped],
+        "refused": refused,
+        "groups": [
+            {k: v for k, v in asdict(c).items() if k != "errors"} | {"errors": c.errors if objective else None}
+            for c in choices
+        ],
+    }
+
+
+def _summary(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['mode']}: {report['groups_smoothed']} groups smoothed, {report['groups_left_alone']} left alone, "
+        f"{len(report['skipped'])} skipped, {len(report['refused'])} refused by the engine"
+    ]
+    for g in report["groups"][:8]:
+        alpha = "none" if g["alpha"] is None else f"{g['alpha']:.2f}"
+        gain = ""
+        if g["error_before"] and g["error_after"] is not None:
+            gain = f"  err {g['error_before']:.3g} → {g['error_after']:.3g}"
+        lines.append(f"  {g['kind']:<7} layer {g['layer']!s:<4} α={alpha:<5} s∈[{g['s_min']:.3g}, {g['s_max']:.3g}]{gain}")
+    if len(report["groups"]) > 8:
+        lines.append(f"  … {len(report['groups']) - 8} more groups")
+    for r in report["refused"][:3]:
+        lines.append(f"  refused: {r['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Smoothing groups and scales (SmoothQuant, SmoothQuant+): *what* T is. The equivalence engine
+decides where it goes (``qcompile.equivalence``).
+
+A :class:`SmoothingGroup` is one region of the engine plus the calibration facts the scales need:
+the sinks' input statistics, seen per *sink input channel*. Scales are computed per sink input
+channel as well; for v→o with GQA they are tied across each KV group before the engine sees them
+(the engine refuses untied ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from qcompile.calibration import LinearInputStats
+from qcompile.equivalence import (
+    Region,
+    region_for_norm,
+    region_for_up_down,
+    region_for_v_o,
+)
+from qcompile.ir import QGraph
+from qcompile.qscheme import ActQuantSpec, WeightQuantSpec
+from qcompile.quantizers import fake_quant_activation, quantize_weight
+from qcompile.structure import Structure
+
+GroupKind = Literal["qkv", "gate_up", "down", "vo"]
+GROUP_KINDS: tuple[str, ...] = ("qkv", "gate_up", "down", "vo")
+# SmoothQuant clamps both statistics at 1e-5 so s is finite and non-zero.
+STAT_FLOOR = 1e-5
+
+
+@dataclass
+class SmoothingGroup:
+    """One smoothing point: a region (producer → consumer linears) and how its channels map."""
+
+    kind: str
+    region: Region
+    layer: int | None
+    # For v→o: query heads per KV head and head_dim, to tie scales across each GQA group.
+    kv_group: int = 1
+    head_dim: int = 0
+
+    @property
+    def sinks(self) -> list[str]:
+        return self.region.sinks
+
+
+@dataclass
+class SkippedGroup:
+    kind: str
+    where: str
+    reason: str
+
+
+@dataclass
+class GroupChoice:
+    """What the pass decided for one group (for the report)."""
+
+    group: str
+    kind: str
+    layer: int | None
+    alpha: float | None  # None: left unsmoothed (the search found smoothing does not help)
+    s_min: float
+    s_max: float
+    error_before: float | None = None  # search objective with s = 1
+    error_after: float | None = None  # search objective at the chosen α
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def find_groups(st: Structure, kinds: tuple[str, ...] | list[str]) -> tuple[list[SmoothingGroup], list[SkippedGroup]]:
+    """Every smoothing point of the requested kinds, from the Structure (never from module names)."""
+    groups: list[SmoothingGroup] = []
+    skipped: list[SkippedGroup] = []
+    for att in st.attentions:
+        if "qkv" in kinds:
+            if att.input_norm is None:
+                skipped.append(SkippedGroup("qkv", f"layer {att.layer}", "q/k/v do not read a norm"))
+            else:
+                groups.append(SmoothingGroup("qkv", region_for_norm(st, att.input_norm), att.layer))
+        if "vo" in kinds:
+            groups.append(
+                SmoothingGroup("vo", region_for_v_o(st, att), att.layer, att.kv_group_size, att.head_dim)
+            )
+    for mlp in st.mlps:
+        if "gate_up" in kinds:
+            if mlp.input_norm is None:
+                skipped.append(SkippedGroup("gate_up", f"layer {mlp.layer}", "the MLP input is not a norm output"))
+            else:
+                groups.append(SmoothingGroup("gate_up", region_for_norm(st, mlp.input_norm), mlp.layer))
+        if "down" in kinds:
+            if mlp.kind != "gated":
+                skipped.append(
+                    SkippedGroup(
+                        "down",
+                        f"layer {mlp.layer}",
+                        f"plain MLP: a diagonal scale does not pass {mlp.activation} between fc1 and fc2",
+                    )
+                )
+            else:
+                groups.append(SmoothingGroup("down", region_for_up_down(st, mlp), mlp.layer))
+    return groups, skipped
+
+
+def _group_max(x: torch.Tensor, group: SmoothingGroup) -> torch.Tensor:
+    """Per sink channel → max over each GQA group, broadcast back (v→o scales must be tied)."""
+    if group.kind != "vo" or group.kv_group == 1:
+        return x
+    heads = x.numel() // group.head_dim
+    per_head = x.reshape(heads // group.kv_group, group.kv_group, group.head_dim)
+    tied = per_head.amax(dim=1, keepdim=True).expand_as(per_head)
+    return tied.reshape(-1)
+
+
+def activation_absmax(stats: dict[str, LinearInputStats], group: SmoothingGroup) -> torch.Tensor:
+    """max|X_j| per sink input channel (every sink of a group reads the same input)."""
+    x = stats[group.sinks[0]].channel_absmax.double()
+    for sink in group.sinks[1:]:
+        x = torch.maximum(x, stats[sink].channel_absmax.double())
+    return _group_max(x, group)
+
+
+def weight_absmax(qgraph: QGraph, st: Structure, group: SmoothingGroup) -> torch.Tensor:
+    """max|W_{:,j}| over all rows of all sinks (METHODS.md notation)."""
+    cols = [qgraph.get_constant(st.linears[s].weight).detach().abs().amax(dim=0).double() for s in group.sinks]
+    return _group_max(torch.stack(cols).amax(dim=0), group)
+
+
+def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant eq. 4: ``s_j = max|X_j|^α / max|W_j|^(1−α)``, both clamped at 1e-5."""
+    a = act_absmax.clamp(min=STAT_FLOOR)
+    w = w_absmax.clamp(min=STAT_FLOOR)
+    return a.pow(alpha) / w.pow(1.0 - alpha)
+
+
+@dataclass
+class SearchObjective:
+    """SmoothQuant+'s criterion for one group: the quantized output error of its sinks on real input
+    rows, under the recipe's own quantizers: ``Σ_sinks ‖X Wᵀ − Q_a(X/s) Q_w(W diag(s))ᵀ‖²``."""
+
+    weight_spec: WeightQuantSpec
+    act_spec: ActQuantSpec
+
+    def error(
+        self, qgraph: QGraph, st: Structure, group: SmoothingGroup, stats: dict[str, LinearInputStats], s: torch.Tensor
+    ) -> float:
+        total = 0.0
+        for sink in group.sinks:
+            x = stats[sink].samples.double()
+            w = qgraph.get_constant(st.linears[sink].weight).detach().double()
+            ref = x @ w.T
+            xs = (x / s).float()
+            static = None
+            if self.act_spec.mode == "static_per_tensor":
+                static = (float(xs.min()), float(xs.max()))
+            xq = fake_quant_activation(xs, self.act_spec, static).double()
+            wq = quantize_weight((w * s).float(), self.weight_spec).dequantize().double()
+            total += float(((ref - xq @ wq.T) ** 2).sum())
+        return total
+
+
+def search_alpha(
+    qgraph: QGraph,
+    st: Structure,
+    group: SmoothingGroup,
+    stats: dict[str, LinearInputStats],
+    objective: SearchObjective,
+    grid: list[float],
+) -> tuple[float | None, torch.Tensor, dict[str, float]]:
+    """Grid search over α (SmoothQuant+). The identity (no smoothing) competes too, so the chosen
+    point never has a larger objective than leaving the group alone."""
+    act = activation_absmax(stats, group)
+    wmax = weight_absmax(qgraph, st, group)
+    ones = torch.ones_like(act)
+    best_alpha: float | None = None
+    best_s = ones
+    best_err = objective.error(qgraph, st, group, stats, ones)
+    errors = {"none": best_err}
+    for alpha in grid:
+        s = smoothing_scales(act, wmax, alpha)
+        err = objective.error(qgraph, st, group, stats, s)
+        errors[f"{alpha:g}"] = err
+        if err < best_err and math.isfinite(err):
+            best_alpha, best_s, best_err = alpha, s, err
+    return best_alpha, best_s, errors
