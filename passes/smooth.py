@@ -47,7 +47,7 @@ class SmoothPass(Pass):
         alpha: float = 0.5  # SmoothQuant's migration strength (eq. 4)
         search: bool = False  # SmoothQuant+: choose α per group on the quantized output error
         alpha_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
-        groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))  # qkv gate_up down vo
+        groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))  # qkv gate_up norm down vo
         # Quantizers the search optimises for; None = those of the recipe's `quantize` pass.
         weight_bits: int | None = None
         group_size: int | None = None

@@ -27,8 +27,8 @@ from qcompile.qscheme import ActQuantSpec, WeightQuantSpec
 from qcompile.quantizers import fake_quant_activation, quantize_weight
 from qcompile.structure import Structure
 
-GroupKind = Literal["qkv", "gate_up", "down", "vo"]
-GROUP_KINDS: tuple[str, ...] = ("qkv", "gate_up", "down", "vo")
+GroupKind = Literal["qkv", "gate_up", "norm", "down", "vo"]
+GROUP_KINDS: tuple[str, ...] = ("qkv", "gate_up", "norm", "down", "vo")
 # SmoothQuant clamps both statistics at 1e-5 so s is finite and non-zero.
 STAT_FLOOR = 1e-5
 
@@ -71,37 +71,46 @@ class GroupChoice:
     errors: dict[str, float] = field(default_factory=dict)
 
 
+def _norm_kind(st: Structure, sinks: list[str]) -> str:
+    roles = {st.linears[s].role for s in sinks}
+    if roles <= {"q", "k", "v"}:
+        return "qkv"
+    if roles <= {"gate", "up", "fc1"}:
+        return "gate_up"
+    return "norm"
+
+
 def find_groups(st: Structure, kinds: tuple[str, ...] | list[str]) -> tuple[list[SmoothingGroup], list[SkippedGroup]]:
-    """Every smoothing point of the requested kinds, from the Structure (never from module names)."""
+    """Every smoothing point of the requested kinds, from the Structure (never from module names).
+
+    Norm groups: every norm whose output feeds linears (``qkv``: the attention-input norm, ``gate_up``:
+    the MLP-input norm, ``norm``: any other, e.g. a norm before a plain classifier); the final norm
+    before ``lm_head`` is left alone (lm_head stays in float by default). Linear groups: ``down``
+    (``up`` rows → ``down`` columns through ``act(gate) * up``) and ``vo`` (v rows → o columns per
+    head, GQA-tied).
+    """
     groups: list[SmoothingGroup] = []
     skipped: list[SkippedGroup] = []
+    for norm in st.norms.values():
+        sinks = [c for c in norm.consumers if c in st.linears]
+        if not sinks or any(st.linears[c].role == "lm_head" for c in sinks):
+            continue
+        kind = _norm_kind(st, sinks)
+        if kind in kinds:
+            groups.append(SmoothingGroup(kind, region_for_norm(st, norm.output), norm.layer))
     for att in st.attentions:
-        if "qkv" in kinds:
-            if att.input_norm is None:
-                skipped.append(SkippedGroup("qkv", f"layer {att.layer}", "q/k/v do not read a norm"))
-            else:
-                groups.append(SmoothingGroup("qkv", region_for_norm(st, att.input_norm), att.layer))
         if "vo" in kinds:
             groups.append(
                 SmoothingGroup("vo", region_for_v_o(st, att), att.layer, att.kv_group_size, att.head_dim)
             )
     for mlp in st.mlps:
-        if "gate_up" in kinds:
-            if mlp.input_norm is None:
-                skipped.append(SkippedGroup("gate_up", f"layer {mlp.layer}", "the MLP input is not a norm output"))
-            else:
-                groups.append(SmoothingGroup("gate_up", region_for_norm(st, mlp.input_norm), mlp.layer))
-        if "down" in kinds:
-            if mlp.kind != "gated":
-                skipped.append(
-                    SkippedGroup(
-                        "down",
-                        f"layer {mlp.layer}",
-                        f"plain MLP: a diagonal scale does not pass {mlp.activation} between fc1 and fc2",
-                    )
-                )
-            else:
-                groups.append(SmoothingGroup("down", region_for_up_down(st, mlp), mlp.layer))
+        if "down" not in kinds:
+            continue
+        if mlp.kind != "gated":
+            reason = f"plain MLP: a diagonal scale does not pass {mlp.activation} between fc1 and fc2"
+            skipped.append(SkippedGroup("down", f"layer {mlp.layer}", reason))
+        else:
+            groups.append(SmoothingGroup("down", region_for_up_down(st, mlp), mlp.layer))
     return groups, skipped
 
 

@@ -62,7 +62,9 @@ class NormMLP(nn.Module):
 class WeightlessStream(nn.Module):
     """Embedding → blocks ``h + fc2(relu(fc1(rms(h))))`` with weightless RMSNorms → rms → lm_head: R1."""
 
-    def __init__(self, vocab: int = 32, dim: int = 16, hidden: int = 24, layers: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, vocab: int = 32, dim: int = 16, hidden: int = 24, layers: int = 2, seed: int = 0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab, dim)
@@ -72,7 +74,7 @@ class WeightlessStream(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
-        for fc1, fc2 in zip(self.fc1, self.fc2):
+        for fc1, fc2 in zip(self.fc1, self.fc2, strict=True):
             h = h + fc2(torch.relu(fc1(rms_norm(h, None))))
         return self.lm_head(rms_norm(h, None))
 
@@ -84,7 +86,9 @@ def capture(model: nn.Module, example: torch.Tensor, dynamic: bool = True):
 
 def log_uniform(n: int, gen: torch.Generator, lo: float = 1e-2, hi: float = 1e2) -> torch.Tensor:
     u = torch.rand(n, generator=gen, dtype=torch.float64)
-    return torch.exp(torch.log(torch.tensor(lo)) + u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo))))
+    return torch.exp(
+        torch.log(torch.tensor(lo)) + u * (torch.log(torch.tensor(hi)) - torch.log(torch.tensor(lo)))
+    )
 
 
 def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -103,7 +107,9 @@ def output(qg, x: torch.Tensor) -> torch.Tensor:
 def assert_equivalent(before, after, x: torch.Tensor, report) -> None:
     ref, got = output(before, x), output(after, x)
     err = float((got - ref).abs().max())
-    assert err <= TOL * float(ref.abs().max()), f"max abs error {err:.3g} vs output scale {float(ref.abs().max()):.3g}"
+    assert err <= TOL * float(ref.abs().max()), (
+        f"max abs error {err:.3g} vs output scale {float(ref.abs().max()):.3g}"
+    )
     assert report.changes, report.to_dict()
     for c in report.changes:  # the graph really reads the new values (all-zero biases stay zero)
         old = before.get_constant(c.original)
@@ -124,7 +130,9 @@ def test_norm_to_linear_diagonal(norm_mlp):
     qg, st, x = norm_mlp
     after = qg.copy()
     norm = next(iter(st.norms))
-    report = apply_diagonal(after, region_for_norm(after.info["structure"], norm), log_uniform(16, torch.Generator()), "smooth")
+    report = apply_diagonal(
+        after, region_for_norm(after.info["structure"], norm), log_uniform(16, torch.Generator()), "smooth"
+    )
     assert_equivalent(qg, after, x, report)
     assert sorted(c.roles[0] for c in report.changes) == ["consumer columns", "norm γ"]
 
@@ -156,12 +164,40 @@ def test_relu_passes_positive_diagonal_only():
     qg, st = capture(NormMLP(act=nn.ReLU()), x)
     region = region_for_up_down(st, st.mlps[0])
     after = qg.copy()
-    assert_equivalent(qg, after, x, apply_diagonal(after, region, log_uniform(24, torch.Generator()), "smooth"))
+    assert_equivalent(
+        qg, after, x, apply_diagonal(after, region, log_uniform(24, torch.Generator()), "smooth")
+    )
     s = -log_uniform(24, torch.Generator())
     with pytest.raises(EquivalenceError, match=r"`relu`.*s_j > 0"):
         apply_diagonal(qg.copy(), region, s, "smooth")
     with pytest.raises(EquivalenceError, match=r"`relu`"):
         apply_orthogonal(qg.copy(), region, random_orthogonal(24, torch.Generator()), "rotate")
+
+
+class LayerNormLinear(nn.Module):
+    """Pre-LN: LayerNorm(γ, β) → fc: a diagonal goes into γ and β (SmoothQuant on OPT/BLOOM)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, 8)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+def test_layer_norm_gamma_and_beta_absorb_diagonal():
+    x = torch.randn(2, 5, 16)
+    qg, st = capture(LayerNormLinear(), x)
+    after = qg.copy()
+    (norm,) = st.norms
+    report = apply_diagonal(
+        after, region_for_norm(after.info["structure"], norm), log_uniform(16, torch.Generator()), "smooth"
+    )
+    assert_equivalent(qg, after, x, report)
+    assert sorted(r for c in report.changes for r in c.roles) == ["consumer columns", "norm β", "norm γ"]
 
 
 def test_gelu_in_path_refused():
@@ -176,7 +212,12 @@ def test_refusals_leave_the_graph_untouched(norm_mlp):
     qg, st, _ = norm_mlp
     after = qg.copy()
     with pytest.raises(EquivalenceError, match="only a diagonal map"):
-        apply_orthogonal(after, region_for_norm(st, next(iter(st.norms))), random_orthogonal(16, torch.Generator()), "rotate")
+        apply_orthogonal(
+            after,
+            region_for_norm(st, next(iter(st.norms))),
+            random_orthogonal(16, torch.Generator()),
+            "rotate",
+        )
     for name, value in qg.graph_module.named_buffers():
         assert torch.equal(value, after.get_constant(name))
 
@@ -194,14 +235,18 @@ def test_bad_regions_and_transforms(norm_mlp):
     with pytest.raises(EquivalenceError, match="not orthogonal"):
         apply_orthogonal(qg.copy(), region_for_linear_pair(st, fc1, [fc2]), torch.randn(24, 24), "rotate")
     with pytest.raises(EquivalenceError, match="24 channels, the region 24, the transform 7"):
-        apply_scaled_orthogonal(qg.copy(), region_for_linear_pair(st, fc1, [fc2]), torch.ones(7), torch.eye(7), "rotate")
+        apply_scaled_orthogonal(
+            qg.copy(), region_for_linear_pair(st, fc1, [fc2]), torch.ones(7), torch.eye(7), "rotate"
+        )
 
 
 def test_residual_rotation_hand_made_stream():
     ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(3))
     qg, st = capture(WeightlessStream(), ids)
     after = qg.copy()
-    report = apply_orthogonal(after, residual_region(after.info["structure"]), random_orthogonal(16, torch.Generator()), "rotate")
+    report = apply_orthogonal(
+        after, residual_region(after.info["structure"]), random_orthogonal(16, torch.Generator()), "rotate"
+    )
     assert_equivalent(qg, after, ids, report)
     roles = {r for c in report.changes for r in c.roles}
     assert roles == {"embedding columns", "producer rows", "producer bias", "consumer columns"}
@@ -230,6 +275,7 @@ def _apply_llama(llama, make_region, apply, *args):
 def test_llama_norm_to_qkv_and_gate_up(llama):
     gen = torch.Generator().manual_seed(5)
     for which in ("attention", "mlp"):
+
         def region(st, which=which):
             site = st.attentions[0] if which == "attention" else st.mlps[0]
             return region_for_norm(st, site.input_norm)
@@ -239,12 +285,19 @@ def test_llama_norm_to_qkv_and_gate_up(llama):
 
 
 def test_llama_up_to_down_through_silu_gate(llama):
-    report = _apply_llama(llama, lambda st: region_for_up_down(st, st.mlps[0]), apply_diagonal,
-                          log_uniform(128, torch.Generator()), "smooth")
+    report = _apply_llama(
+        llama,
+        lambda st: region_for_up_down(st, st.mlps[0]),
+        apply_diagonal,
+        log_uniform(128, torch.Generator()),
+        "smooth",
+    )
     assert "mul_" in " ".join(report.path)  # it went through silu(gate) * up
     qg, st, _ = llama
     with pytest.raises(EquivalenceError, match=r"varies along the channels; only a diagonal"):
-        apply_orthogonal(qg.copy(), region_for_up_down(st, st.mlps[0]), random_orthogonal(128, torch.Generator()), "rotate")
+        apply_orthogonal(
+            qg.copy(), region_for_up_down(st, st.mlps[0]), random_orthogonal(128, torch.Generator()), "rotate"
+        )
 
 
 def test_llama_v_to_o_gqa(llama):
@@ -257,13 +310,19 @@ def test_llama_v_to_o_gqa(llama):
     _apply_llama(llama, lambda st: region_for_v_o(st, st.attentions[0]), apply_orthogonal, h, "rotate")
     per_kv = torch.stack([random_orthogonal(8, gen) for _ in range(2)])
     _apply_llama(llama, lambda st: region_for_v_o(st, st.attentions[0]), apply_orthogonal, per_kv, "rotate")
+    per_query_head = per_kv.repeat_interleave(3, dim=0)  # [6, 8, 8], tied over each group of 3
+    _apply_llama(
+        llama, lambda st: region_for_v_o(st, st.attentions[0]), apply_orthogonal, per_query_head, "rotate"
+    )
 
 
 def test_llama_v_to_o_refusals(llama):
     qg, st, _ = llama
     region = region_for_v_o(st, st.attentions[0])
     untied = log_uniform(48, torch.Generator().manual_seed(7))
-    with pytest.raises(EquivalenceError, match=r"`linear_\d+`.*query heads \[0, 1, 2\] share KV head 0") as exc:
+    with pytest.raises(
+        EquivalenceError, match=r"`linear_\d+`.*query heads \[0, 1, 2\] share KV head 0"
+    ) as exc:
         apply_diagonal(qg.copy(), region, untied, "smooth")
     assert exc.value.node == st.attentions[0].o
     per_query_head = torch.stack([random_orthogonal(8, torch.Generator().manual_seed(i)) for i in range(6)])
@@ -277,7 +336,9 @@ def test_llama_final_norm_to_tied_lm_head_unties(llama):
     qg, _, ids = llama
     after = qg.copy()
     st = after.info["structure"]
-    report = apply_diagonal(after, region_for_norm(st, st.residual.final_norm), log_uniform(48, torch.Generator()), "smooth")
+    report = apply_diagonal(
+        after, region_for_norm(st, st.residual.final_norm), log_uniform(48, torch.Generator()), "smooth"
+    )
     assert_equivalent(qg, after, ids, report)
     emb = st.embeddings[0]
     assert len(report.untied) == 1 and report.untied[0].startswith(f"{emb.weight} -> ")
@@ -318,7 +379,9 @@ def test_llama_scaled_rotation_refused_through_norm_and_silu(llama):
     st = base.info["structure"]
     gen = torch.Generator()
     with pytest.raises(EquivalenceError, match=r"rms_norm.*divides each row"):
-        apply_scaled_orthogonal(base.copy(), residual_region(st), log_uniform(48, gen), random_orthogonal(48, gen), "rotate")
+        apply_scaled_orthogonal(
+            base.copy(), residual_region(st), log_uniform(48, gen), random_orthogonal(48, gen), "rotate"
+        )
 
 
 # ---- tiny BERT (post-LN, GELU) ----------------------------------------------------------------------
@@ -334,7 +397,9 @@ def test_bert_post_ln_residual_user_refused(bert):
     qg, st, _ = bert
     norm = st.norms[st.attentions[0].input_norm]
     add = next(c for c in norm.consumers if c not in st.linears)
-    with pytest.raises(EquivalenceError, match=rf"smooth: cannot absorb diag\(1/s\) past node `{add}` \(aten.add.Tensor\)"):
+    with pytest.raises(
+        EquivalenceError, match=rf"smooth: cannot absorb diag\(1/s\) past node `{add}` \(aten.add.Tensor\)"
+    ):
         apply_diagonal(qg.copy(), region_for_norm(st, norm.output), torch.full((48,), 2.0), "smooth")
 
 
@@ -346,6 +411,11 @@ def test_bert_regions(bert):
         apply_orthogonal(qg.copy(), residual_region(st), random_orthogonal(48, torch.Generator()), "rotate")
     after = qg.copy()  # MHA v→o with biases: diag(1/s)·H per head
     gen = torch.Generator().manual_seed(9)
-    report = apply_scaled_orthogonal(after, region_for_v_o(after.info["structure"], st.attentions[0]),
-                                     log_uniform(48, gen, 0.25, 4.0), random_orthogonal(12, gen), "rotate")
+    report = apply_scaled_orthogonal(
+        after,
+        region_for_v_o(after.info["structure"], st.attentions[0]),
+        log_uniform(48, gen, 0.25, 4.0),
+        random_orthogonal(12, gen),
+        "rotate",
+    )
     assert_equivalent(qg, after, ids, report)

@@ -77,7 +77,9 @@ def test_norm_mlp_random_shapes(dim: int, hidden: int, relu: bool, seed: int) ->
         return
     apply_orthogonal(rotated, pair, q, "rotate")
     close(ref, output(rotated, x), "fc1 → fc2, Q")
-    apply_scaled_orthogonal(rotated, pair, log_uniform(hidden, gen, 0.25, 4.0), random_orthogonal(hidden, gen), "rotate")
+    apply_scaled_orthogonal(
+        rotated, pair, log_uniform(hidden, gen, 0.25, 4.0), random_orthogonal(hidden, gen), "rotate"
+    )
     close(ref, output(rotated, x), "fc1 → fc2, diag(1/s)·Q")
 
 
@@ -93,9 +95,65 @@ def test_weightless_stream_random_rotation(dim: int, hidden: int, layers: int, s
     ids = torch.randint(0, 32, (2, 5), generator=gen)
     qg, structure = capture(WeightlessStream(32, dim, hidden, layers, seed), ids)
     work = qg.copy()
-    report = apply_orthogonal(work, residual_region(work.info["structure"]), random_orthogonal(dim, gen), "rotate")
+    report = apply_orthogonal(
+        work, residual_region(work.info["structure"]), random_orthogonal(dim, gen), "rotate"
+    )
     close(output(qg, ids), output(work, ids), "residual stream, Q")
     assert len([c for c in report.changes if c.roles == ["producer rows"]]) == layers
+
+
+def _random_llama(head_dim: int, num_kv_heads: int, group: int, intermediate: int, seed: int):
+    heads = num_kv_heads * group
+    model = tiny_llama(
+        seed,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        vocab_size=64,
+    )
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(seed))
+    # Static shapes: 4× faster to export; the unit tests cover dynamic batch/sequence.
+    return (*capture(model, ids, dynamic=False), ids)
+
+
+def _smooth_and_rotate_heads(
+    work, head_dim: int, num_kv_heads: int, group: int, gen
+) -> list[tuple[str, object]]:
+    """Each step modifies ``work`` in place and returns its report; regions come from the current Structure."""
+    st_ = work.info["structure"]
+    att, mlp = st_.attentions[0], st_.mlps[0]
+    hidden, inter = att.num_heads * head_dim, st_.linears[mlp.up].out_features
+    s_kv = log_uniform(num_kv_heads * head_dim, gen)
+    per_o_column = s_kv.reshape(num_kv_heads, 1, head_dim).expand(-1, group, -1).reshape(-1)  # tied per group
+    h_per_kv = torch.stack([random_orthogonal(head_dim, gen) for _ in range(num_kv_heads)])
+    # H before the v→o scales: rotating channels already scaled up to 1e4 apart is diag(1/s)·Q's
+    # ill-conditioned fp32 case; scaling rotated channels is not.
+    return [
+        (
+            "norm → q,k,v",
+            lambda: apply_diagonal(
+                work, region_for_norm(st_, att.input_norm), log_uniform(hidden, gen), "smooth"
+            ),
+        ),
+        (
+            "norm → gate,up",
+            lambda: apply_diagonal(
+                work, region_for_norm(st_, mlp.input_norm), log_uniform(hidden, gen), "smooth"
+            ),
+        ),
+        (
+            "up → down",
+            lambda: apply_diagonal(work, region_for_up_down(st_, mlp), log_uniform(inter, gen), "smooth"),
+        ),
+        ("v → o per-KV-head H", lambda: apply_orthogonal(work, region_for_v_o(st_, att), h_per_kv, "rotate")),
+        (
+            "v → o diag tied per group",
+            lambda: apply_diagonal(work, region_for_v_o(st_, att), per_o_column, "smooth"),
+        ),
+    ]
 
 
 @FEW
@@ -106,45 +164,22 @@ def test_weightless_stream_random_rotation(dim: int, hidden: int, layers: int, s
     intermediate=st.integers(4, 40),
     seed=st.integers(0, 2**16),
 )
-def test_llama_random_heads(head_dim: int, num_kv_heads: int, group: int, intermediate: int, seed: int) -> None:
-    heads = num_kv_heads * group
-    hidden = heads * head_dim
-    model = tiny_llama(
-        seed,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        intermediate_size=intermediate,
-        num_hidden_layers=1,
-        vocab_size=64,
-    )
+def test_llama_random_heads(
+    head_dim: int, num_kv_heads: int, group: int, intermediate: int, seed: int
+) -> None:
+    qg, structure, ids = _random_llama(head_dim, num_kv_heads, group, intermediate, seed)
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2, 5), generator=gen)
-    qg, structure = capture(model, ids, dynamic=False)  # static shapes: 4× faster to export (dynamic: unit tests)
-    ref = output(qg, ids)
-    work = qg.copy()
-    s_of = lambda: work.info["structure"]  # noqa: E731  (the Structure the work copy keeps current)
-    att, mlp = structure.attentions[0], structure.mlps[0]
-    steps = [
-        ("norm → q,k,v", lambda: apply_diagonal(work, region_for_norm(s_of(), att.input_norm), log_uniform(hidden, gen), "smooth")),
-        ("norm → gate,up", lambda: apply_diagonal(work, region_for_norm(s_of(), mlp.input_norm), log_uniform(hidden, gen), "smooth")),
-        ("up → down", lambda: apply_diagonal(work, region_for_up_down(s_of(), mlp), log_uniform(intermediate, gen), "smooth")),
-        ("v → o diag, tied per group", lambda: apply_diagonal(
-            work, region_for_v_o(s_of(), att),
-            log_uniform(num_kv_heads * head_dim, gen).reshape(num_kv_heads, 1, head_dim).expand(-1, group, -1).reshape(-1),
-            "smooth")),
-        ("v → o per-KV-head H", lambda: apply_orthogonal(
-            work, region_for_v_o(s_of(), att),
-            torch.stack([random_orthogonal(head_dim, gen) for _ in range(num_kv_heads)]), "rotate")),
-    ]
-    for what, step in steps:
+    ref, work = output(qg, ids), qg.copy()
+    for what, step in _smooth_and_rotate_heads(work, head_dim, num_kv_heads, group, gen):
         step()
         close(ref, output(work, ids), what)
     # R1 needs weightless norms: on a copy with every γ = 1 (its own baseline).
     base = qg.copy()
     for norm in structure.norms.values():
-        base.set_constant(norm.weight, torch.ones(hidden))
+        base.set_constant(norm.weight, torch.ones_like(base.get_constant(norm.weight)))
     rotated = base.copy()
-    apply_orthogonal(rotated, residual_region(rotated.info["structure"]), random_orthogonal(hidden, gen), "rotate")
+    hidden = num_kv_heads * group * head_dim
+    apply_orthogonal(
+        rotated, residual_region(rotated.info["structure"]), random_orthogonal(hidden, gen), "rotate"
+    )
     close(output(base, ids), output(rotated, ids), "residual stream, Q")

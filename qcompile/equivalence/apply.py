@@ -13,6 +13,7 @@ import torch
 
 from qcompile.equivalence.constants import ConstantChange, write_updates
 from qcompile.equivalence.errors import EquivalenceError, Refusal
+from qcompile.equivalence.producers import consumer_update, producer_updates
 from qcompile.equivalence.regions import Region
 from qcompile.equivalence.transforms import (
     Composite,
@@ -22,7 +23,6 @@ from qcompile.equivalence.transforms import (
     diagonal_scale,
 )
 from qcompile.equivalence.walk import RegionCheck, check_region
-from qcompile.equivalence.producers import consumer_update, producer_updates
 from qcompile.ir import QGraph
 
 # Two scales (or maps) count as tied when they agree to this relative tolerance.
@@ -66,7 +66,12 @@ def _refusal_error(
 ) -> EquivalenceError:
     node = node or (region.sources[0].node if region.sources else "?")
     return EquivalenceError(
-        pass_name, transform=transform, node=node, op=what, reason=refusal.reason, way_out=refusal.way_out,
+        pass_name,
+        transform=transform,
+        node=node,
+        op=what,
+        reason=refusal.reason,
+        way_out=refusal.way_out,
         region=region.name,
     )
 
@@ -81,7 +86,9 @@ def apply_transform(qgraph: QGraph, region: Region, transform: Transform, pass_n
             updates += producer_updates(qgraph, region, source, transform)
         except Refusal as refusal:
             what = f"source {type(source).__name__}"
-            raise _refusal_error(region, transform.describe(), refusal, pass_name, what, source.node) from None
+            raise _refusal_error(
+                region, transform.describe(), refusal, pass_name, what, source.node
+            ) from None
     updates += [consumer_update(qgraph, s, transform, check.sink_maps[s]) for s in region.sinks]
     changes, graph_changed = write_updates(qgraph, updates)
     if graph_changed:
@@ -109,7 +116,9 @@ def _to_source_space(
     filled = torch.zeros(region.channels, dtype=torch.bool)
     for sink, cmap in check.sink_maps.items():
         if cmap.numel() != width:
-            raise _tie_error(region, pass_name, sink, what, f"{width} values given, the consumer reads {cmap.numel()}")
+            raise _tie_error(
+                region, pass_name, sink, what, f"{width} values given, the consumer reads {cmap.numel()}"
+            )
         for src in torch.unique(cmap).tolist():
             idx = (cmap == src).nonzero().flatten()
             group = values[idx]
@@ -160,13 +169,15 @@ def apply_diagonal(qgraph: QGraph, region: Region, s: torch.Tensor, pass_name: s
     GQA the latter must be tied across each KV group."""
     s = torch.as_tensor(s).detach().reshape(-1).to("cpu", torch.float64)
     if s.numel() != region.channels:
-        # Walk once with a stand-in of the same sign pattern to learn each sink's channel map.
-        stand_in = _build(region, pass_name, "diag(1/s)", lambda: diagonal_scale(torch.ones(region.channels)))
-        if not bool((s > 0).all()):
-            stand_in = diagonal_scale(-torch.ones(region.channels))
-        check = check_region(qgraph, region, stand_in, pass_name)
-        s = _to_source_space(s, check, region, pass_name, "diag(1/s)")
-    return apply_transform(qgraph, region, _build(region, pass_name, "diag(1/s)", lambda: diagonal_scale(s)), pass_name)
+        # Per consumer channel: walk once with a stand-in of the same sign pattern (ReLU cares) to learn
+        # each sink's channel map, then fold s onto the source channels (refusing untied GQA scales).
+        sign = 1.0 if bool((s > 0).all()) else -1.0
+        stand_in = diagonal_scale(torch.full((region.channels,), sign))
+        s = _to_source_space(
+            s, check_region(qgraph, region, stand_in, pass_name), region, pass_name, "diag(1/s)"
+        )
+    transform = _build(region, pass_name, "diag(1/s)", lambda: diagonal_scale(s))
+    return apply_transform(qgraph, region, transform, pass_name)
 
 
 def _rotation(qgraph: QGraph, region: Region, q: torch.Tensor, pass_name: str) -> Transform:
@@ -174,13 +185,17 @@ def _rotation(qgraph: QGraph, region: Region, q: torch.Tensor, pass_name: str) -
     q = torch.as_tensor(q).detach().to("cpu", torch.float64)
     heads = region.heads
     if heads is None or (q.dim() == 2 and q.shape[0] == region.channels != heads.head_dim):
-        return _build(region, pass_name, "Q", lambda: dense_orthogonal(q))  # a dense Q on v→o: the walk refuses
+        # Dense Q. On a per-head region the walk refuses it at the attention op, naming it.
+        return _build(region, pass_name, "Q", lambda: dense_orthogonal(q))
     d, kv = heads.head_dim, region.channels // heads.head_dim
-    if q.dim() == 3 and q.shape[0] != kv:  # one block per consumer (query) head: must be tied per KV group
-        probe = block_orthogonal(torch.eye(d, dtype=torch.float64), kv)
-        check = check_region(qgraph, region, probe, pass_name)
-        per_channel = q.repeat_interleave(d, dim=0).reshape(q.shape[0] * d, -1)  # head h's block on each channel
-        q = _to_source_space(per_channel, check, region, pass_name, "per-head H")[::d].reshape(kv, d, d)
+    if q.dim() == 3 and q.shape[0] != kv:
+        # One block per consumer (query) head: tied per KV group, or refused. Give each o column its
+        # head's block, then map to source channels as for scales.
+        check = check_region(
+            qgraph, region, block_orthogonal(torch.eye(d, dtype=torch.float64), kv), pass_name
+        )
+        per_channel = q.repeat_interleave(d, dim=0)  # [num_heads·d, d, d]
+        q = _to_source_space(per_channel, check, region, pass_name, "per-head H")[::d]
     return _build(region, pass_name, "per-head H", lambda: block_orthogonal(q, kv))
 
 

@@ -88,7 +88,9 @@ def _layout(step: Step) -> Any:
     node = step.node
     args = step.sizes.arg(node.args, step.probes)
     kwargs = step.sizes.arg(dict(node.kwargs), step.probes)
-    tensors = [a for a in node.all_input_nodes if not step.carries(a) and isinstance(a.meta.get("val"), torch.Tensor)]
+    tensors = [
+        a for a in node.all_input_nodes if not step.carries(a) and isinstance(a.meta.get("val"), torch.Tensor)
+    ]
     if tensors:
         raise Refusal(
             f"it mixes the transformed value with `{tensors[0].name}`, which does not carry it",
@@ -118,7 +120,8 @@ def _combine(step: Step) -> torch.Tensor:
     a, b = (step.probes[x].broadcast_to(shape) for x in operands)
     if not torch.equal(a, b):
         raise Refusal(
-            "its operands carry the transform on different channel orders", "make both operands carry the same T"
+            "its operands carry the transform on different channel orders",
+            "make both operands carry the same T",
         )
     return a
 
@@ -234,7 +237,9 @@ def norm_is_weightless(qgraph: QGraph, norm: NormSite) -> bool:
     return norm.weight is None or bool(qgraph.get_constant(norm.weight).eq(1).all())
 
 
-def pass_norm(qgraph: QGraph, norm: NormSite, transform: Transform, probe: torch.Tensor, step: Step) -> torch.Tensor:
+def pass_norm(
+    qgraph: QGraph, norm: NormSite, transform: Transform, probe: torch.Tensor, step: Step
+) -> torch.Tensor:
     """A norm reached on its input: its output carries T, or :class:`Refusal`."""
     if norm.kind != "rms_norm":
         raise Refusal(

@@ -75,38 +75,52 @@ def _retarget_structure(qgraph: QGraph, reader: fx.Node, old: str, new: str) -> 
         structure.tied_embedding = any(e.weight == head for e in structure.embeddings)
 
 
+def _compose(
+    ups: list[ConstantUpdate], original: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Each reader's new value: its halves applied in turn to the original, in float64 (QuaRot and
+    SpinQuant merge in float64), plus the roles that went in."""
+    work: dict[str, torch.Tensor] = {}
+    roles: dict[str, list[str]] = {}
+    for u in ups:
+        work[u.reader] = u.update(work.get(u.reader, original.detach().to("cpu", torch.float64)))
+        roles.setdefault(u.reader, []).append(u.role)
+    return work, roles
+
+
+def _write_target(qgraph: QGraph, target: str, ups: list[ConstantUpdate]) -> list[ConstantChange]:
+    original = qgraph.get_constant(target)
+    work, roles = _compose(ups, original)
+    readers = readers_of(qgraph, target)
+    covered = [r for r in readers if r.name in work]
+    uncovered = [r for r in readers if r.name not in work]
+    values = list(work.values())
+    # Every reader covered and all get the same value (e.g. a tied embedding and lm_head under Q): no copy.
+    shared = not uncovered and all(torch.equal(values[0], v) for v in values[1:])
+    keep = covered[0].name if covered and not uncovered else None  # this reader keeps the target itself
+    changes = []
+    for reader in covered:
+        new = work[reader.name].to(original.dtype).to(original.device)
+        untie = not shared and reader.name != keep
+        if untie:
+            now = _rewire(qgraph, reader, target, new)
+        else:
+            qgraph.set_constant(target, new)
+            now = target
+        delta = float((new.double() - original.double()).abs().max()) if new.numel() else 0.0
+        dtype = str(new.dtype).replace("torch.", "")
+        changes.append(
+            ConstantChange(
+                now, target, reader.name, roles[reader.name], tuple(new.shape), dtype, untie, delta
+            )
+        )
+    return changes
+
+
 def write_updates(qgraph: QGraph, updates: list[ConstantUpdate]) -> tuple[list[ConstantChange], bool]:
-    """Apply ``updates``; returns the changes and whether the graph itself changed (untie)."""
+    """Apply ``updates``; returns the changes and whether the graph itself changed (a constant untied)."""
     by_target: dict[str, list[ConstantUpdate]] = {}
     for u in updates:
         by_target.setdefault(u.target, []).append(u)
-    changes: list[ConstantChange] = []
-    graph_changed = False
-    for target, ups in by_target.items():
-        original = qgraph.get_constant(target)
-        work: dict[str, torch.Tensor] = {}
-        roles: dict[str, list[str]] = {}
-        for u in ups:  # compose the halves per reader, in float64 (QuaRot/SpinQuant merge in float64)
-            work[u.reader] = u.update(work.get(u.reader, original.detach().to("cpu", torch.float64)))
-            roles.setdefault(u.reader, []).append(u.role)
-        readers = readers_of(qgraph, target)
-        uncovered = [r for r in readers if r.name not in work]
-        values = list(work.values())
-        same = all(torch.equal(values[0], v) for v in values[1:])
-        covered = [r for r in readers if r.name in work]
-        keep = None if uncovered or not covered else covered[0].name  # this reader keeps the target
-        for reader in covered:
-            new = work[reader.name].to(original.dtype).to(original.device)
-            untie = reader.name != keep and not (same and not uncovered)
-            if untie:
-                now = _rewire(qgraph, reader, target, new)
-                graph_changed = True
-            else:
-                qgraph.set_constant(target, new)
-                now = target
-            delta = float((new.double() - original.double().to(new.device)).abs().max()) if new.numel() else 0.0
-            changes.append(
-                ConstantChange(now, target, reader.name, roles[reader.name], tuple(new.shape),
-                               str(new.dtype).replace("torch.", ""), untie, delta)
-            )
-    return changes, graph_changed
+    changes = [c for target, ups in by_target.items() for c in _write_target(qgraph, target, ups)]
+    return changes, any(c.untied for c in changes)

@@ -51,7 +51,11 @@ def _norm_updates(qgraph: QGraph, norm: NormSite, transform: Transform) -> list[
     for target, role in ((norm.weight, "norm γ"), (norm.bias, "norm β")):
         if target is None:
             continue
-        readers = [n for n in norm.nodes if any(a.op == "get_attr" and a.target == target for a in nodes[n].all_input_nodes)]
+        readers = [
+            n
+            for n in norm.nodes
+            if any(a.op == "get_attr" and a.target == target for a in nodes[n].all_input_nodes)
+        ]
         if not readers:
             raise Refusal(f"no node of norm `{norm.output}` reads {role} `{target}`", "re-run analysis")
         updates += [ConstantUpdate(target, r, role, transform.forward) for r in readers]
@@ -60,14 +64,20 @@ def _norm_updates(qgraph: QGraph, norm: NormSite, transform: Transform) -> list[
 
 def _linear_source_updates(node: fx.Node, transform: Transform) -> list[ConstantUpdate]:
     # y T = x (Wᵀ T) + b T, so W ← (Wᵀ T)ᵀ = Tᵀ W and b ← b T.
-    updates = [ConstantUpdate(str(node.args[1].target), node.name, "producer rows", lambda w: transform.forward(w.T).T)]
+    updates = [
+        ConstantUpdate(
+            str(node.args[1].target), node.name, "producer rows", lambda w: transform.forward(w.T).T
+        )
+    ]
     bias = P.linear_bias(node)
     if bias is not None:
         updates.append(ConstantUpdate(str(bias.target), node.name, "producer bias", transform.forward))
     return updates
 
 
-def producer_updates(qgraph: QGraph, region: Region, source: Source, transform: Transform) -> list[ConstantUpdate]:
+def producer_updates(
+    qgraph: QGraph, region: Region, source: Source, transform: Transform
+) -> list[ConstantUpdate]:
     """The ``x → x T`` half, absorbed into ``source``'s constants."""
     node = qgraph.node(source.node)
     if isinstance(source, NormSource):
@@ -77,10 +87,14 @@ def producer_updates(qgraph: QGraph, region: Region, source: Source, transform: 
         return _linear_source_updates(node, transform)
     if isinstance(source, EmbeddingSource):
         return [ConstantUpdate(str(node.args[0].target), node.name, "embedding columns", transform.forward)]
-    raise Refusal(f"unknown source kind {type(source).__name__}", "use NormSource, LinearSource or EmbeddingSource")
+    raise Refusal(
+        f"unknown source kind {type(source).__name__}", "use NormSource, LinearSource or EmbeddingSource"
+    )
 
 
-def consumer_update(qgraph: QGraph, sink: str, transform: Transform, channel_map: torch.Tensor) -> ConstantUpdate:
+def consumer_update(
+    qgraph: QGraph, sink: str, transform: Transform, channel_map: torch.Tensor
+) -> ConstantUpdate:
     """The ``W → W T⁻ᵀ`` half for one sink linear; ``channel_map`` comes from the region check."""
     node = qgraph.node(sink)
     return ConstantUpdate(

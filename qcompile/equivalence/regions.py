@@ -80,7 +80,9 @@ def _linear_width(structure: Structure, node: str, attr: str) -> int:
     try:
         return getattr(structure.linears[node], attr)
     except KeyError:
-        raise RegionError(f"`{node}` is not a linear of this graph's Structure (run analysis first)") from None
+        raise RegionError(
+            f"`{node}` is not a linear of this graph's Structure (run analysis first)"
+        ) from None
 
 
 def _sinks_of_norm(structure: Structure, norm: NormSite) -> list[str]:
@@ -109,7 +111,9 @@ def region_for_linear_pair(structure: Structure, producer: str, consumers: list[
     for c in consumers:
         _linear_width(structure, c, "in_features")
     name = f"linear `{producer}` → {', '.join(consumers)}"
-    return Region(name, [LinearSource(producer)], list(consumers), width, norms=list(structure.norms.values()))
+    return Region(
+        name, [LinearSource(producer)], list(consumers), width, norms=list(structure.norms.values())
+    )
 
 
 def region_for_up_down(structure: Structure, mlp: MLPSite) -> Region:

@@ -75,8 +75,12 @@ class Transform:
             return f"its last dim ({row.numel()}) is not a whole number of {block}-channel heads"
         chunks = row.reshape(-1, block)
         starts = chunks[:, :1]
-        if bool((starts % block != 0).any()) or not torch.equal(chunks - starts, torch.arange(block).expand_as(chunks)):
-            return f"its last dim splits or reorders the {block}-channel heads T acts on ({_channels_text(row)})"
+        if bool((starts % block != 0).any()) or not torch.equal(
+            chunks - starts, torch.arange(block).expand_as(chunks)
+        ):
+            return (
+                f"its last dim splits or reorders the {block}-channel heads T acts on ({_channels_text(row)})"
+            )
         return None
 
     def __str__(self) -> str:

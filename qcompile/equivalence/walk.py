@@ -58,7 +58,9 @@ class _Walk:
 
     def node(self, name: str, what: str) -> fx.Node:
         if name not in self.nodes:
-            raise self.error(name, what, "no node of that name in the graph", "rebuild the region from a fresh analysis")
+            raise self.error(
+                name, what, "no node of that name in the graph", "rebuild the region from a fresh analysis"
+            )
         return self.nodes[name]
 
     # ---- sources and sinks -------------------------------------------------------------------------
@@ -81,12 +83,20 @@ class _Walk:
         x = node.args[0]
         others = [a.name for a in node.all_input_nodes if a in self.probes and a is not x]
         if x not in self.probes or others:
-            raise self.error(node.name, op_label(node), "the transform reaches the weight or bias", "fix the region")
+            raise self.error(
+                node.name, op_label(node), "the transform reaches the weight or bias", "fix the region"
+            )
         row = constant_row(self.probes[x])
-        reason = "its input's channel map varies over tokens" if row is None else self.transform.row_error(row)
+        reason = (
+            "its input's channel map varies over tokens" if row is None else self.transform.row_error(row)
+        )
         if reason is not None:
-            raise self.error(node.name, op_label(node), f"the linear contracts its input's last dim, but {reason}",
-                             "apply the map where this linear's input channels are whole")
+            raise self.error(
+                node.name,
+                op_label(node),
+                f"the linear contracts its input's last dim, but {reason}",
+                "apply the map where this linear's input channels are whole",
+            )
         self.result.sink_maps[node.name] = row
 
     # ---- one node ----------------------------------------------------------------------------------
@@ -123,10 +133,14 @@ class _Walk:
     def through_norm(self, norm: NormSite) -> None:
         x = self.nodes[norm.input]
         if x not in self.probes:
-            raise Refusal(f"it is inside norm `{norm.output}` but the norm's input does not carry the transform",
-                          "end the region before this norm")
+            raise Refusal(
+                f"it is inside norm `{norm.output}` but the norm's input does not carry the transform",
+                "end the region before this norm",
+            )
         step = Step(self.nodes[norm.output], self.probes, self.sizes, self.transform)
-        self.probes[self.nodes[norm.output]] = pass_norm(self.qgraph, norm, self.transform, self.probes[x], step)
+        self.probes[self.nodes[norm.output]] = pass_norm(
+            self.qgraph, norm, self.transform, self.probes[x], step
+        )
         self.handled.update(norm.nodes)
         self.result.path.append(norm.output)
 
@@ -161,7 +175,9 @@ def _check_source_kind(walk: _Walk, source: Source, node: fx.Node) -> None:
     else:
         ok, what = False, "a NormSource, LinearSource or EmbeddingSource"
     if not ok:
-        raise walk.error(node.name, op_label(node), f"a {type(source).__name__} must be {what}", "fix the region")
+        raise walk.error(
+            node.name, op_label(node), f"a {type(source).__name__} must be {what}", "fix the region"
+        )
 
 
 def check_region(qgraph: QGraph, region: Region, transform: Transform, pass_name: str) -> RegionCheck:
