@@ -57,14 +57,21 @@ def main(argv: list[str] | None = None) -> int:
             batches = [(w,) for w in calibration_windows(tok, n_cal, len_cal, seed=args.seed)]
         print(f"\n=== {name}: {' -> '.join(recipe.pass_names())}", flush=True)
         t0 = time.perf_counter()
-        qm = qcompile.quantize(qgraph, recipe, calibration=batches if needs_cal else None, example_inputs=example)
+        qm = qcompile.quantize(
+            qgraph, recipe, calibration=batches if needs_cal else None, example_inputs=example
+        )
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
         rows.append((name, res.ppl, t_quant, res.seconds))
         print(f"    ppl {res.ppl:.3f}  (quantize {t_quant:.1f} s, eval {res.seconds:.1f} s)", flush=True)
 
     fp = next((r[1] for r in rows if r[0] == "fp"), None)
-    cmd = "python benchmarks/" + os.path.basename(__file__) + " " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = (
+        "python benchmarks/"
+        + os.path.basename(__file__)
+        + " "
+        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    )
     lines = [
         f"SmolLM2-135M-Instruct, wiki.test.raw seq {args.seq_len} x {args.windows} windows; "
         f"calibration {n_cal} x {len_cal} tokens of wiki.valid.tokens (seed {args.seed}); "

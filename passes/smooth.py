@@ -63,7 +63,9 @@ class SmoothPass(Pass):
         st: Structure = qgraph.info["structure"]
         stats = ctx.state.get("calibration")
         if not stats:
-            raise PassError(self.name, "no calibration statistics in the context; run the calibrate pass first")
+            raise PassError(
+                self.name, "no calibration statistics in the context; run the calibrate pass first"
+            )
         stats = dict(stats)
         objective = self._objective(ctx) if opts.search else None
         groups, skipped = find_groups(st, opts.groups)
@@ -84,8 +86,9 @@ class SmoothPass(Pass):
                 qmeta.set_(node, qmeta.ACT_STATS, stats[node.name])
         report = _report(choices, skipped, refused, objective)
         report["transformed_nodes"] = transformed
-        return PassResult(qgraph, changed=any(c.alpha is not None for c in choices), report=report,
-                          summary=_summary(report))
+        return PassResult(
+            qgraph, changed=any(c.alpha is not None for c in choices), report=report, summary=_summary(report)
+        )
 
     def _objective(self, ctx: PassContext) -> SearchObjective:
         """The quantizers of the recipe's quantize pass, overridden by this pass's options."""
@@ -122,8 +125,15 @@ class SmoothPass(Pass):
         else:
             alpha, s, errors = search_alpha(qgraph, st, group, stats, objective, self.options.alpha_grid)
         choice = GroupChoice(
-            group.region.name, group.kind, group.layer, alpha, float(s.min()), float(s.max()),
-            errors.get("none"), errors.get(f"{alpha:g}") if alpha is not None else errors.get("none"), errors,
+            group.region.name,
+            group.kind,
+            group.layer,
+            alpha,
+            float(s.min()),
+            float(s.max()),
+            errors.get("none"),
+            errors.get(f"{alpha:g}") if alpha is not None else errors.get("none"),
+            errors,
         )
         if alpha is None:
             return choice, []
@@ -134,20 +144,26 @@ class SmoothPass(Pass):
 
 
 def _report(
-    choices: list[GroupChoice], skipped: list, refused: list[dict[str, str]], objective: SearchObjective | None
+    choices: list[GroupChoice],
+    skipped: list,
+    refused: list[dict[str, str]],
+    objective: SearchObjective | None,
 ) -> dict[str, Any]:
     smoothed = [c for c in choices if c.alpha is not None]
     return {
         "mode": "search (SmoothQuant+)" if objective else "fixed alpha (SmoothQuant)",
         "objective": (
-            {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()} if objective else None
+            {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()}
+            if objective
+            else None
         ),
         "groups_smoothed": len(smoothed),
         "groups_left_alone": len(choices) - len(smoothed),
         "skipped": [asdict(s) for s in skipped],
         "refused": refused,
         "groups": [
-            {k: v for k, v in asdict(c).items() if k != "errors"} | {"errors": c.errors if objective else None}
+            {k: v for k, v in asdict(c).items() if k != "errors"}
+            | {"errors": c.errors if objective else None}
             for c in choices
         ],
     }
@@ -163,7 +179,9 @@ def _summary(report: dict[str, Any]) -> str:
         gain = ""
         if g["error_before"] and g["error_after"] is not None:
             gain = f"  err {g['error_before']:.3g} → {g['error_after']:.3g}"
-        lines.append(f"  {g['kind']:<7} layer {g['layer']!s:<4} α={alpha:<5} s∈[{g['s_min']:.3g}, {g['s_max']:.3g}]{gain}")
+        lines.append(
+            f"  {g['kind']:<7} layer {g['layer']!s:<4} α={alpha:<5} s∈[{g['s_min']:.3g}, {g['s_max']:.3g}]{gain}"
+        )
     if len(report["groups"]) > 8:
         lines.append(f"  … {len(report['groups']) - 8} more groups")
     for r in report["refused"][:3]:

@@ -313,9 +313,7 @@ def _find_lm_head(qgraph: QGraph, st: Structure) -> None:
 def _assign_layers(graph: fx.Graph, st: Structure, order: dict) -> None:
     """Layer i = the i-th attention block and everything after it up to the next attention's inputs."""
     by_name = {n.name: n for n in graph.nodes}
-    starts = sorted(
-        min(order[by_name[a.q]], order[by_name[a.k]], order[by_name[a.v]]) for a in st.attentions
-    )
+    starts = sorted(min(order[by_name[a.q]], order[by_name[a.k]], order[by_name[a.v]]) for a in st.attentions)
     st.num_layers = len(starts)
     # Past the last residual add, nothing belongs to a block (lm_head, a BERT pooler).
     end = order[by_name[st.residual.adds[-1]]] if st.residual and st.residual.adds else len(order)

@@ -12,7 +12,7 @@ from qcompile.capture import capture
 from qcompile.instruments import Instrument
 from qcompile.ir import QGraph
 from qcompile.pass_base import PassContext
-from qcompile.pass_manager import PipelineResult, PassManager, RecipeLike
+from qcompile.pass_manager import PassManager, PipelineResult, RecipeLike
 from qcompile.recipe import Recipe, load_recipe
 
 
@@ -133,4 +133,6 @@ def _example_inputs(example_inputs: Any, batches: list[tuple] | None, tokenizer:
         return batches[0]
     if tokenizer is not None:
         return (tokenizer("qcompile captures this sentence.", return_tensors="pt").input_ids,)
-    raise ValueError("quantize: give example_inputs=, calibration= or tokenizer= so the model can be captured")
+    raise ValueError(
+        "quantize: give example_inputs=, calibration= or tokenizer= so the model can be captured"
+    )

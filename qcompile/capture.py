@@ -91,7 +91,8 @@ def capture(
         args, kwargs = _widen_unit_batch(args, kwargs)
     dynamic_shapes = _auto_dynamic_shapes(args, kwargs) if dynamic else None
     if dynamic_shapes is not None and kwargs:
-        dynamic_shapes = {**dict(zip(_positional_names(work, len(args)), dynamic_shapes[0])), **dynamic_shapes[1]}
+        names_pos = _positional_names(work, len(args))
+        dynamic_shapes = {**dict(zip(names_pos, dynamic_shapes[0], strict=False)), **dynamic_shapes[1]}
     elif dynamic_shapes is not None:
         dynamic_shapes = dynamic_shapes[0]
     try:

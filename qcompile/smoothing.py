@@ -80,7 +80,9 @@ def _norm_kind(st: Structure, sinks: list[str]) -> str:
     return "norm"
 
 
-def find_groups(st: Structure, kinds: tuple[str, ...] | list[str]) -> tuple[list[SmoothingGroup], list[SkippedGroup]]:
+def find_groups(
+    st: Structure, kinds: tuple[str, ...] | list[str]
+) -> tuple[list[SmoothingGroup], list[SkippedGroup]]:
     """Every smoothing point of the requested kinds, from the Structure (never from module names).
 
     Norm groups: every norm whose output feeds linears (``qkv``: the attention-input norm, ``gate_up``:
@@ -134,7 +136,9 @@ def activation_absmax(stats: dict[str, LinearInputStats], group: SmoothingGroup)
 
 def weight_absmax(qgraph: QGraph, st: Structure, group: SmoothingGroup) -> torch.Tensor:
     """max|W_{:,j}| over all rows of all sinks (METHODS.md notation)."""
-    cols = [qgraph.get_constant(st.linears[s].weight).detach().abs().amax(dim=0).double() for s in group.sinks]
+    cols = [
+        qgraph.get_constant(st.linears[s].weight).detach().abs().amax(dim=0).double() for s in group.sinks
+    ]
     return _group_max(torch.stack(cols).amax(dim=0), group)
 
 
@@ -154,7 +158,12 @@ class SearchObjective:
     act_spec: ActQuantSpec
 
     def error(
-        self, qgraph: QGraph, st: Structure, group: SmoothingGroup, stats: dict[str, LinearInputStats], s: torch.Tensor
+        self,
+        qgraph: QGraph,
+        st: Structure,
+        group: SmoothingGroup,
+        stats: dict[str, LinearInputStats],
+        s: torch.Tensor,
     ) -> float:
         total = 0.0
         for sink in group.sinks:

@@ -15,7 +15,9 @@ def format_structure(st: Structure, qgraph: QGraph | None = None, *, max_layers:
     lines = ["Structure"]
     if qgraph is not None:
         n_ops = sum(1 for n in qgraph.graph.nodes if n.op == "call_function")
-        lines.append(f"  graph: {n_ops} ATen ops, {qgraph.num_parameters():,} constant values ({qgraph.source})")
+        lines.append(
+            f"  graph: {n_ops} ATen ops, {qgraph.num_parameters():,} constant values ({qgraph.source})"
+        )
     lines.append(f"  layers: {st.num_layers}")
     lines.append("  linears: " + ", ".join(f"{r}×{c}" for r, c in sorted(roles.items())))
     lines.append("  norms: " + (", ".join(f"{k}×{c}" for k, c in sorted(norms.items())) or "none"))
@@ -46,7 +48,9 @@ def format_structure(st: Structure, qgraph: QGraph | None = None, *, max_layers:
         for site in st.linears.values():
             if site.layer == layer:
                 mod = f"  [{site.module}]" if site.module else ""
-                lines.append(f"    {site.role:<6} {site.node:<12} {site.in_features:>6} → {site.out_features:<6}{mod}")
+                lines.append(
+                    f"    {site.role:<6} {site.node:<12} {site.in_features:>6} → {site.out_features:<6}{mod}"
+                )
     if st.num_layers > max_layers:
         lines.append(f"  … {st.num_layers - max_layers} more layers of the same shape")
     return "\n".join(lines)

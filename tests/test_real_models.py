@@ -63,7 +63,11 @@ def minilm():
 
 def test_minilm_capture_and_compile(minilm):
     model, tok = minilm
-    ids = tok(["a sentence to embed", "another, slightly longer sentence to embed"], padding=True, return_tensors="pt")
+    ids = tok(
+        ["a sentence to embed", "another, slightly longer sentence to embed"],
+        padding=True,
+        return_tensors="pt",
+    )
     ids = ids.input_ids
     with torch.no_grad():
         ref = model(ids).last_hidden_state

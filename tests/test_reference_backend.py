@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompile.backends.reference import ReferenceRunner, run
 
 from qcompile import capture
+from qcompile.backends.reference import ReferenceRunner, run
 from qcompile.models import tiny_llama
 from tests.test_capture import TinyMLP, seeded, token_ids
 

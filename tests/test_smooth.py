@@ -38,7 +38,13 @@ def _recipe(smooth: dict | None, act_mode: str, weight_bits: int = 8, group_size
     if smooth is not None:
         passes.append({"name": "smooth", **smooth})
     passes.append(
-        {"name": "quantize", "weight_bits": weight_bits, "group_size": group_size, "act_bits": 8, "act_mode": act_mode}
+        {
+            "name": "quantize",
+            "weight_bits": weight_bits,
+            "group_size": group_size,
+            "act_bits": 8,
+            "act_mode": act_mode,
+        }
     )
     return {"recipe": {"name": "test"}, "passes": passes}
 
@@ -142,7 +148,10 @@ def test_unknown_group_kind_is_an_error():
     with pytest.raises(PassError, match="unknown group kind"):
         run_recipe(
             qg,
-            {"recipe": {"name": "t"}, "passes": ["analyze", "calibrate", {"name": "smooth", "groups": ["qkv", "xyz"]}]},
+            {
+                "recipe": {"name": "t"},
+                "passes": ["analyze", "calibrate", {"name": "smooth", "groups": ["qkv", "xyz"]}],
+            },
             PassContext(calibration=batches, show_progress=False),
         )
 
