@@ -5,7 +5,10 @@ from qcompile.passes import (  # noqa: F401
     analyze,
     calibrate,
     detect_outliers,
+    fold_qdq,
+    fuse_norms,
     identity,
     quantize,
+    rotate,
     smooth,
 )

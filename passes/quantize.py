@@ -1,11 +1,20 @@
-"""``quantize``: insert quantize/dequantize around every selected linear (RTN weights, QDQ activations).
+"""``quantize``: insert quantize/dequantize around every selected linear (RTN or GPTQ weights, QDQ
+activations).
 
 For each linear found by the ``analyze`` pass (``qgraph.info["structure"]``):
 
 - **weight**: the float constant W is replaced by ``qcompile.dequantize(q, scale, zero_point, g)`` on
-  new constants computed offline by :func:`qcompile.quantizers.quantize_weight` — the weight's
-  quantize step is already constant-folded. The float constant is removed when nothing else reads
-  it (a tied embedding keeps it).
+  new constants computed offline — the weight's quantize step is already constant-folded. The float
+  constant is removed when nothing else reads it (a tied embedding keeps it). ``weight_method``:
+
+  - ``rtn`` (default): :func:`qcompile.quantizers.quantize_weight`, round to nearest, with the
+    optional ``clip_search``;
+  - ``gptq``: :func:`qcompile.gptq.gptq_quantize` (GPTQ, Frantar et al. 2022, Alg. 1) with the
+    Hessian ``XᵀX`` from calibration — the ``calibrate`` pass must run with ``hessian = true``.
+    ``clip_search`` is ignored (RTN only; the report says so). Linears are quantized one at a time;
+    once every linear reading an ``XᵀX`` is quantized, the pass drops it from the calibration
+    statistics (new stats objects in ``ctx.state["calibration"]`` and ``act_stats``; the shared
+    objects are never mutated), so the Hessians are freed as the pass goes.
 - **input activation** (unless ``act_mode = "none"``): dynamic per token,
   ``choose_qparams_per_token → quantize → dequantize``; or static per tensor, ``quantize →
   dequantize`` with a scale from the calibrated abs-max (``ctx.state["calibration"]``, written by the
@@ -24,7 +33,7 @@ from __future__ import annotations
 import math
 import operator
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -33,10 +42,12 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from qcompile import meta as qmeta
 from qcompile import ops
+from qcompile.gptq import GPTQError, gptq_quantize
 from qcompile.ir import QGraph
 from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
 from qcompile.qscheme import ActQuantSpec, WeightQuantSpec, scheme_string
 from qcompile.quantizers import (
+    QuantizedWeight,
     fake_quant_activation,
     quantize_weight,
     sqnr_db,
@@ -45,6 +56,8 @@ from qcompile.quantizers import (
 from qcompile.structure import LinearSite, Structure
 
 NO_CALIBRATION = "run the calibrate pass first or choose act_mode=dynamic_per_token"
+NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize) or choose weight_method=rtn"
+CLIP_IGNORED = "clip_search is ignored by weight_method=gptq (it applies to rtn only)"
 
 
 @dataclass
@@ -58,11 +71,12 @@ class LinearQuantReport:
     weight_sqnr_db: float  # W vs Ŵ
     output_sqnr_db: float | None = None  # X Wᵀ vs X̂ Ŵᵀ on calibration samples, when there are any
     mean_clip_ratio: float | None = None  # clip search only
+    method: str = "rtn"  # weight quantizer: rtn | gptq
 
 
 @register_pass
 class QuantizePass(Pass):
-    """Round-to-nearest weights + QDQ activations on every selected linear (see the module docstring)."""
+    """RTN or GPTQ weights + QDQ activations on every selected linear (see the module docstring)."""
 
     name: ClassVar[str] = "quantize"
     kind = "quantize"
@@ -81,10 +95,16 @@ class QuantizePass(Pass):
         act_symmetric: bool = True
         exclude_roles: list[str] = field(default_factory=lambda: ["lm_head"])
         include_roles: list[str] | None = None  # None = every role not excluded
+        weight_method: Literal["rtn", "gptq"] = "rtn"  # gptq needs calibrate(hessian = true)
+        gptq_block_size: int = 128  # columns per lazy-update block (GPTQ Alg. 1)
+        gptq_damp: float = 0.01  # λ = damp · mean(diag H) added to H's diagonal
+        gptq_act_order: bool = False  # columns by decreasing diag(H); groups stay contiguous (static)
 
         def __post_init__(self) -> None:
             self.weight_spec()  # validates bits / group size
             self.act_spec()
+            if self.gptq_block_size <= 0 or self.gptq_damp < 0:
+                raise ValueError("gptq_block_size must be > 0 and gptq_damp >= 0")
 
         def weight_spec(self) -> WeightQuantSpec:
             return WeightQuantSpec(self.weight_bits, self.weight_symmetric, self.group_size, self.clip_search)
@@ -97,11 +117,15 @@ class QuantizePass(Pass):
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         wspec, aspec = self.options.weight_spec(), self.options.act_spec()
+        gptq = self.options.weight_method == "gptq"
+        if gptq:  # GPTQ has no clip search: the scheme must not claim one
+            wspec = replace(wspec, clip_search=False)
         calibration: dict[str, Any] | None = ctx.state.get("calibration")
         by_name = {n.name: n for n in qgraph.graph.nodes}
         rewriter = _Rewriter(qgraph)
         rows: list[LinearQuantReport] = []
         excluded: list[dict[str, str]] = []
+        selected: list[tuple[LinearSite, fx.Node, Any]] = []
         for site in st.linears.values():
             node = by_name[site.node]
             reason = self._exclusion(site, node)
@@ -109,17 +133,31 @@ class QuantizePass(Pass):
                 excluded.append({"node": site.node, "role": site.role, "reason": reason})
                 continue
             stats = calibration.get(site.node) if calibration is not None else None
-            if aspec.mode == "static_per_tensor" and stats is None:
-                why = "no calibration statistics" if calibration is None else "no calibration entry for it"
-                raise PassError(
-                    self.name, f"act_mode=static_per_tensor but {why}; {NO_CALIBRATION}", site.node
-                )
+            self._check_calibration(site, stats, calibration is not None, aspec)
+            selected.append((site, node, stats))
+        hessians = _HessianRelease(ctx, by_name) if gptq else None
+        for site, node, stats in selected:
             rows.append(self._quantize_linear(qgraph, rewriter, node, site, wspec, aspec, stats))
+            if hessians is not None:
+                hessians.done(site.node)
         rewriter.drop_unused_weights()
         qgraph.recompile()
         qgraph.info[self.name] = {r.node: r.scheme for r in rows}
         report = _report(rows, excluded, scheme_string(wspec, aspec))
+        report["weight_method"] = self.options.weight_method
+        if gptq and self.options.clip_search:
+            report["notes"] = [CLIP_IGNORED]
         return PassResult(qgraph, changed=bool(rows), report=report, summary=_summary(report, rows))
+
+    def _check_calibration(self, site: LinearSite, stats: Any, calibrated: bool, aspec: ActQuantSpec) -> None:
+        """Refuse, before the graph is touched, a linear whose calibration the scheme cannot do without."""
+        why = "no calibration statistics" if not calibrated else "no calibration entry for it"
+        if aspec.mode == "static_per_tensor" and stats is None:
+            raise PassError(self.name, f"act_mode=static_per_tensor but {why}; {NO_CALIBRATION}", site.node)
+        if self.options.weight_method == "gptq" and getattr(stats, "xtx", None) is None:
+            if stats is not None:
+                why = "its calibration statistics have no Hessian XᵀX"
+            raise PassError(self.name, f"weight_method=gptq but {why}; {NO_HESSIAN}", site.node)
 
     def _exclusion(self, site: LinearSite, node: fx.Node) -> str | None:
         opts = self.options
@@ -157,7 +195,7 @@ class QuantizePass(Pass):
                     "was the graph changed after calibration? re-run the calibrate pass",
                     site.node,
                 )
-        qw = quantize_weight(w, wspec, samples=samples, xtx=xtx)
+        qw = self._quantize_weight(w, wspec, stats, site)
         w_hat = qw.dequantize()
         rewriter.replace_weight(node, qw)
         static_range = self._static_range(site, stats, aspec) if aspec.mode == "static_per_tensor" else None
@@ -170,7 +208,32 @@ class QuantizePass(Pass):
             x = samples.to(device=w.device, dtype=w.dtype)
             out_sqnr = sqnr_db(x @ w.T, fake_quant_activation(x, aspec, static_range) @ w_hat.T)
         clip = float(qw.clip_ratio.mean()) if qw.clip_ratio is not None else None
-        return LinearQuantReport(site.node, site.role, site.layer, scheme, sqnr_db(w, w_hat), out_sqnr, clip)
+        method = self.options.weight_method
+        return LinearQuantReport(
+            site.node, site.role, site.layer, scheme, sqnr_db(w, w_hat), out_sqnr, clip, method
+        )
+
+    def _quantize_weight(
+        self, w: torch.Tensor, wspec: WeightQuantSpec, stats: Any, site: LinearSite
+    ) -> QuantizedWeight:
+        """W quantized by the chosen method: RTN (clip search on the calibration inputs) or GPTQ."""
+        opts = self.options
+        if opts.weight_method == "rtn":
+            samples = getattr(stats, "samples", None) if stats is not None else None
+            xtx = getattr(stats, "xtx", None) if stats is not None else None
+            return quantize_weight(w, wspec, samples=samples, xtx=xtx)
+        try:
+            return gptq_quantize(
+                w,
+                stats.xtx,
+                stats.n_tokens,
+                wspec,
+                block_size=opts.gptq_block_size,
+                damp=opts.gptq_damp,
+                act_order=opts.gptq_act_order,
+            )
+        except GPTQError as exc:
+            raise PassError(self.name, f"GPTQ failed: {exc}", site.node) from exc
 
     def _static_range(self, site: LinearSite, stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
         """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
@@ -186,6 +249,38 @@ class QuantizePass(Pass):
                 site.node,
             )
         return float(lo.min()), float(hi.max())
+
+
+class _HessianRelease:
+    """Drops each ``XᵀX`` from the calibration statistics once every linear reading it is quantized.
+
+    Linears that read one tensor (q/k/v, gate/up) share one ``xtx``; it is released only when all of
+    them are done, linears this pass leaves alone keep theirs. Stats objects are shared and immutable:
+    holders get new objects without ``xtx`` (``ctx.state`` and the nodes' ``act_stats`` alike).
+    """
+
+    def __init__(self, ctx: PassContext, by_name: dict[str, fx.Node]) -> None:
+        self.ctx = ctx
+        self.by_name = by_name
+        self.quantized: set[str] = set()
+        self.holders: dict[int, list[str]] = {}
+        for name, st in (ctx.state.get("calibration") or {}).items():
+            if is_dataclass(st) and getattr(st, "xtx", None) is not None:  # LinearInputStats
+                self.holders.setdefault(id(st.xtx), []).append(name)
+
+    def done(self, node: str) -> None:
+        calibration = self.ctx.state["calibration"]
+        self.quantized.add(node)
+        names = self.holders.get(id(calibration[node].xtx), [])
+        if not names or not all(n in self.quantized for n in names):
+            return
+        del self.holders[id(calibration[node].xtx)]
+        for name in names:
+            old = calibration[name]
+            calibration[name] = replace(old, xtx=None)
+            linear = self.by_name.get(name)
+            if linear is not None and qmeta.get(linear).get(qmeta.ACT_STATS) is old:
+                qmeta.set_(linear, qmeta.ACT_STATS, calibration[name])
 
 
 class _Rewriter:
@@ -327,7 +422,9 @@ def _fmt_db(v: float | None) -> str:
 def _summary(report: dict[str, Any], rows: list[LinearQuantReport], worst: int = 5) -> str:
     w, o = report["weight_sqnr_db"], report["output_sqnr_db"]
     excl = ", ".join(f"{e['node']} ({e['reason']})" for e in report["excluded"]) or "none"
-    lines = [f"{report['scheme']}: {report['quantized']} linears quantized; excluded: {excl}"]
+    method = report.get("weight_method", "rtn")
+    lines = [f"{report['scheme']} ({method}): {report['quantized']} linears quantized; excluded: {excl}"]
+    lines += [f"  note: {n}" for n in report.get("notes", [])]
     if w:
         lines.append(f"  weight SQNR min {_fmt_db(w['min'])} dB, median {_fmt_db(w['median'])} dB")
     if o:

@@ -7,7 +7,7 @@ static activation quantizer, outlier reports) see the smoothed model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -53,6 +53,8 @@ class SmoothPass(Pass):
         group_size: int | None = None
         act_bits: int | None = None
         act_mode: str | None = None
+        # SmoothRot: score α after the online Hadamard the rotate pass puts on the sink input (R4).
+        objective_rotation: Literal["none", "hadamard"] = "none"
         tolerance: float | None = None
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
@@ -60,6 +62,8 @@ class SmoothPass(Pass):
         unknown = sorted(set(opts.groups) - set(GROUP_KINDS))
         if unknown:
             raise PassError(self.name, f"unknown group kind(s) {unknown}; valid: {', '.join(GROUP_KINDS)}")
+        if opts.objective_rotation != "none" and not opts.search:
+            raise PassError(self.name, "objective_rotation scores the α search; set search = true with it")
         st: Structure = qgraph.info["structure"]
         stats = ctx.state.get("calibration")
         if not stats:
@@ -105,7 +109,7 @@ class SmoothPass(Pass):
             w_default.group_size if o.group_size is None else o.group_size,
         )
         a = ActQuantSpec(o.act_bits or a_default.bits, o.act_mode or a_default.mode, a_default.symmetric)
-        return SearchObjective(w, a)
+        return SearchObjective(w, a, o.objective_rotation)
 
     def _smooth_group(
         self,
@@ -143,6 +147,16 @@ class SmoothPass(Pass):
         return choice, absorbed.sources + absorbed.path
 
 
+def _mode(objective: SearchObjective | None) -> str:
+    if objective is None:
+        return "fixed alpha (SmoothQuant)"
+    return (
+        "search after the R4 Hadamard (SmoothRot)"
+        if objective.rotation != "none"
+        else "search (SmoothQuant+)"
+    )
+
+
 def _report(
     choices: list[GroupChoice],
     skipped: list,
@@ -151,9 +165,10 @@ def _report(
 ) -> dict[str, Any]:
     smoothed = [c for c in choices if c.alpha is not None]
     return {
-        "mode": "search (SmoothQuant+)" if objective else "fixed alpha (SmoothQuant)",
+        "mode": _mode(objective),
         "objective": (
             {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()}
+            | ({"rotation": objective.rotation} if objective.rotation != "none" else {})
             if objective
             else None
         ),

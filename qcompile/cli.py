@@ -1,4 +1,4 @@
-"""Command line: ``qcompile demo | analyze | recipes``."""
+"""Command line: ``qcompile demo | analyze | export-onnx | recipes``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,29 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from qcompile.backends.onnx.command import ExportCommand, run_export
+
+    n_cal, _, len_cal = args.calib.lower().partition("x")
+    cmd = ExportCommand(
+        model=args.model,
+        recipe=args.recipe,
+        out=args.out,
+        accuracy_level=args.accuracy_level,
+        int4_format=args.int4_format,
+        lm_head_bits=args.lm_head_bits,
+        embedding_bits=args.embedding_bits,
+        head_group_size=args.head_group_size,
+        prefill_only=args.prefill_only,
+        calib_windows=int(n_cal),
+        calib_len=int(len_cal),
+    )
+    report, quant_summary = run_export(cmd)
+    print(quant_summary)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="A quantization compiler for PyTorch LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default), minilm, tiny-llama")
     an.add_argument("--layers", type=int, default=2, help="layers to list in detail")
     an.set_defaults(func=_cmd_analyze)
+    ex = sub.add_parser("export-onnx", help="quantize a model and export it to ONNX (ONNX Runtime)")
+    ex.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default) or tiny-llama")
+    ex.add_argument("--recipe", default="w4a16-rtn", help="a shipped recipe name or a TOML path")
+    ex.add_argument("--out", default="model.onnx", help="the .onnx file to write")
+    ex.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=4,
+        choices=[0, 1, 2, 3, 4],
+        help="MatMulNBits accuracy level: 4 = int8 activations in-kernel (fast), 1 = fp32",
+    )
+    ex.add_argument(
+        "--int4-format",
+        choices=["matmulnbits", "qdq"],
+        default="matmulnbits",
+        help="int4 weights as ORT MatMulNBits, or standard DequantizeLinear(INT4)+MatMul (ORT fuses it)",
+    )
+    ex.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None, help="also quantize lm_head")
+    ex.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="also quantize the embedding table (shared with a tied lm_head of the same bits)",
+    )
+    ex.add_argument("--head-group-size", type=int, default=64, help="group size for lm_head/embedding")
+    ex.add_argument(
+        "--prefill-only",
+        action="store_true",
+        help="export the plain forward (all-position logits, no KV cache)",
+    )
+    ex.add_argument("--calib", default="32x512", help="calibration windows NxL (recipes that calibrate)")
+    ex.set_defaults(func=_cmd_export_onnx)
     rc = sub.add_parser("recipes", help="list the shipped recipes")
     rc.set_defaults(func=_cmd_recipes)
     return parser

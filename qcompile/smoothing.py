@@ -152,10 +152,28 @@ def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
 @dataclass
 class SearchObjective:
     """SmoothQuant+'s criterion for one group: the quantized output error of its sinks on real input
-    rows, under the recipe's own quantizers: ``Σ_sinks ‖X Wᵀ − Q_a(X/s) Q_w(W diag(s))ᵀ‖²``."""
+    rows, under the recipe's own quantizers: ``Σ_sinks ‖X Wᵀ − Q_a(X/s) Q_w(W diag(s))ᵀ‖²``.
+
+    ``rotation = "hadamard"`` (SmoothRot) measures the error *after* the online Hadamard the rotate
+    pass puts on the sink's input (R4 on the down_proj input): ``Q_a((X/s) H) Q_w((W diag(s)) H)ᵀ``.
+    The float product is unchanged (``H Hᵀ = I``); only the quantizers see the difference.
+    """
 
     weight_spec: WeightQuantSpec
     act_spec: ActQuantSpec
+    rotation: Literal["none", "hadamard"] = "none"
+    _matrices: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def rotation_matrix(self, n: int) -> torch.Tensor | None:
+        """The float64 ``[n, n]`` map applied after smoothing; None without rotation, or where R4 would
+        skip the width (no Hadamard of any divisor > 1)."""
+        if self.rotation == "none":
+            return None
+        if n not in self._matrices:
+            from qcompile.rotation import online_matrix  # lazy: the default objective needs no Hadamard
+
+            self._matrices[n] = online_matrix(n)
+        return self._matrices[n]
 
     def error(
         self,
@@ -170,12 +188,16 @@ class SearchObjective:
             x = stats[sink].samples.double()
             w = qgraph.get_constant(st.linears[sink].weight).detach().double()
             ref = x @ w.T
-            xs = (x / s).float()
+            xs, ws = x / s, w * s
+            h = self.rotation_matrix(x.shape[1])
+            if h is not None:  # SmoothRot: H (x ⊘ s) online, (W diag(s)) H merged
+                xs, ws = xs @ h, ws @ h
+            xs = xs.float()
             static = None
             if self.act_spec.mode == "static_per_tensor":
                 static = (float(xs.min()), float(xs.max()))
             xq = fake_quant_activation(xs, self.act_spec, static).double()
-            wq = quantize_weight((w * s).float(), self.weight_spec).dequantize().double()
+            wq = quantize_weight(ws.float(), self.weight_spec).dequantize().double()
             total += float(((ref - xq @ wq.T) ** 2).sum())
         return total
 

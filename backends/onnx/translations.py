@@ -1,0 +1,225 @@
+"""ONNX translations of the ``qcompile::`` ops, for ``torch.onnx.export(custom_translation_table=...)``.
+
+Each function is traced by the torch.onnx exporter (onnxscript tracing mode): it receives the FX
+node's arguments (ONNX values for tensors, Python ints/bools for the rest) and emits ONNX ops.
+
+| qcompile op | ONNX |
+|---|---|
+| ``qlinear_w`` int4 packed / int8 blocked | ``com.microsoft.MatMulNBits`` (bits 4 / 8, ``block_size = group_size``) |
+| ``qlinear_w`` plain int8 | ``DequantizeLinear`` (per axis or blocked) → ``MatMul`` |
+| ``qlinear_wa``, int8 per-channel symmetric weights, symmetric activations | ``MatMulInteger`` (int8 × int8 → int32) then ``· x_scale · w_scale`` |
+| ``qlinear_wa`` otherwise | the activation dequantized in float, then as ``qlinear_w`` |
+| ``qembedding`` int4 packed / int8 blocked | ``com.microsoft.GatherBlockQuantized`` on the table a tied lm_head's MatMulNBits reads |
+| ``qembedding`` plain int8 | ``Gather`` of rows and scales, then dequantize |
+| ``quantize`` / ``dequantize`` / ``choose_qparams_per_token`` | the reference's float arithmetic (Round is half-to-even in both), blocked ``DequantizeLinear`` for groups |
+
+MatMulNBits' ``accuracy_level``: 0 or 1 keep the activation in fp32 (exactly W4A16's semantics); 4
+quantizes the activation to int8 per block inside the kernel (ORT's fast CPU path, with a small error
+of its own). The exporter chooses it (:class:`qcompile.backends.onnx.export.ExportOptions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from onnx import TensorProto
+from onnxscript import opset21 as op
+
+from qcompile import ops
+from qcompile.backends.onnx import contrib
+from qcompile.qlinear_ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
+
+FLOAT = TensorProto.FLOAT
+INT8 = TensorProto.INT8
+
+
+def _f(value: float) -> Any:
+    return op.Constant(value_float=float(value))
+
+
+def _axes_last() -> Any:
+    return op.Constant(value_ints=[-1])
+
+
+# ---- activation ops ------------------------------------------------------------------------------
+
+
+def quantize(x: Any, scale: Any, zero_point: Any, qmin: int, qmax: int, group_size: int) -> Any:
+    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int8, computed in float32."""
+    if group_size != 0:
+        raise NotImplementedError(
+            "onnx export: qcompile::quantize with group_size > 0 (a grouped activation quantizer) has no "
+            "translation; weights are quantized offline and never need it"
+        )
+    r = op.Round(op.Div(op.Cast(x, to=FLOAT), op.Cast(scale, to=FLOAT)))
+    r = op.Add(r, op.Cast(zero_point, to=FLOAT))
+    return op.Cast(op.Clip(r, _f(qmin), _f(qmax)), to=INT8)
+
+
+def dequantize(q: Any, scale: Any, zero_point: Any, group_size: int) -> Any:
+    """``(q - zero_point) * scale``; groups through blocked DequantizeLinear (ragged last block)."""
+    if group_size > 0:
+        return op.DequantizeLinear(q, scale, zero_point, axis=-1, block_size=group_size)
+    diff = op.Sub(op.Cast(q, to=FLOAT), op.Cast(zero_point, to=FLOAT))
+    return op.Mul(diff, op.Cast(scale, to=FLOAT))
+
+
+def choose_qparams_per_token(x: Any, qmin: int, qmax: int, symmetric: bool) -> tuple[Any, Any]:
+    """Per-token scale and int8 zero point over the last dim (rules of ``quantizers.py``)."""
+    xf = op.Cast(x, to=FLOAT)
+    if symmetric:
+        absmax = op.ReduceMax(op.Abs(xf), _axes_last(), keepdims=1)
+        scale = op.Div(absmax, _f((qmax - qmin) / 2))
+    else:
+        lo = op.Min(op.ReduceMin(xf, _axes_last(), keepdims=1), _f(0.0))
+        hi = op.Max(op.ReduceMax(xf, _axes_last(), keepdims=1), _f(0.0))
+        scale = op.Div(op.Sub(hi, lo), _f(qmax - qmin))
+    scale = op.Where(op.Greater(scale, _f(0.0)), scale, _f(1.0))  # a zero range gets scale 1
+    if symmetric:
+        zero = op.Constant(value=_int8_scalar(0))
+        return scale, op.Expand(zero, op.Shape(scale))
+    zp = op.Sub(_f(qmin), op.Round(op.Div(lo, scale)))
+    return scale, op.Cast(op.Clip(zp, _f(qmin), _f(qmax)), to=INT8)
+
+
+def _int8_scalar(v: int) -> Any:
+    import onnx_ir as ir
+
+    return ir.tensor(torch.tensor(v, dtype=torch.int8).numpy())
+
+
+# ---- linears ---------------------------------------------------------------------------------------
+
+
+def _dequantize_x(xq: Any, x_scale: Any, x_zero_point: Any) -> Any:
+    xf = op.Cast(xq, to=FLOAT)
+    if x_zero_point is not None:
+        xf = op.Sub(xf, op.Cast(x_zero_point, to=FLOAT))
+    return op.Mul(xf, op.Cast(x_scale, to=FLOAT))
+
+
+def _add_bias(y: Any, bias: Any) -> Any:
+    return y if bias is None else op.Add(y, bias)
+
+
+def _int8_weight_matmul(x: Any, w: Any, w_scale: Any, w_zero_point: Any, group_size: int) -> Any:
+    """x @ Ŵᵀ with Ŵ from DequantizeLinear: per output channel (axis 0) or blocked along K."""
+    if group_size == 0:
+        s = op.Reshape(w_scale, op.Constant(value_ints=[-1]))
+        z = None if w_zero_point is None else op.Reshape(w_zero_point, op.Constant(value_ints=[-1]))
+        w_hat = op.DequantizeLinear(w, s, z, axis=0)
+    else:
+        w_hat = op.DequantizeLinear(w, w_scale, w_zero_point, axis=1, block_size=group_size)
+    return op.MatMul(x, op.Transpose(w_hat, perm=[1, 0]))
+
+
+def _blocked(w: Any) -> bool:
+    """A blocked 8-bit weight ``[out, G, g]`` (rank 3), vs plain int8 ``[out, in]``."""
+    return w.shape is not None and len(w.shape) == 3
+
+
+def make_qlinear_w(accuracy_level: int) -> Callable[..., Any]:
+    """The ``qlinear_w`` translation with MatMulNBits' accuracy level fixed."""
+
+    def qlinear_w(
+        x: Any,
+        w: Any,
+        w_scale: Any,
+        w_zero_point: Any,
+        bias: Any,
+        w_bits: int,
+        in_features: int,
+        group_size: int,
+    ) -> Any:
+        if w_bits == 4 or _blocked(w):  # int4 packed / int8 blocked: MatMulNBits' own layouts
+            y = contrib.MatMulNBits(
+                x,
+                w,
+                w_scale,
+                w_zero_point,
+                K=in_features,
+                N=int(w.shape[0]),
+                bits=w_bits,
+                block_size=group_size,
+                accuracy_level=accuracy_level,
+            )
+        else:
+            y = _int8_weight_matmul(x, w, w_scale, w_zero_point, group_size)
+        return _add_bias(y, bias)
+
+    return qlinear_w
+
+
+def make_qlinear_wa(accuracy_level: int) -> Callable[..., Any]:
+    """The ``qlinear_wa`` translation: an integer GEMM where the scheme allows one."""
+    qlinear_w = make_qlinear_w(accuracy_level)
+
+    def qlinear_wa(
+        xq: Any,
+        x_scale: Any,
+        x_zero_point: Any,
+        w: Any,
+        w_scale: Any,
+        w_zero_point: Any,
+        bias: Any,
+        w_bits: int,
+        in_features: int,
+        group_size: int,
+    ) -> Any:
+        integer_gemm = w_bits == 8 and group_size == 0 and w_zero_point is None and x_zero_point is None
+        if not integer_gemm:
+            x_hat = _dequantize_x(xq, x_scale, x_zero_point)
+            return qlinear_w(x_hat, w, w_scale, w_zero_point, bias, w_bits, in_features, group_size)
+        acc = op.MatMulInteger(xq, op.Transpose(w, perm=[1, 0]))  # exact int32 sums
+        w_row = op.Reshape(w_scale, op.Constant(value_ints=[-1]))
+        y = op.Mul(op.Mul(op.Cast(acc, to=FLOAT), op.Cast(x_scale, to=FLOAT)), w_row)
+        return _add_bias(y, bias)
+
+    return qlinear_wa
+
+
+def qembedding(
+    ids: Any, w: Any, w_scale: Any, w_zero_point: Any, w_bits: int, dim: int, group_size: int
+) -> Any:
+    """int4 packed / int8 blocked: ORT's GatherBlockQuantized reading the ``[vocab, G, …]`` table
+    itself — the initializer a tied lm_head's MatMulNBits reads, so it is stored once — then the
+    ``G × g`` row cut to ``dim`` (the ragged last block's padding). Plain int8: Gather + dequantize."""
+    if w_bits == 4 or _blocked(w):
+        if w_zero_point is not None:
+            raise NotImplementedError(
+                "onnx export: an asymmetric blocked embedding is not translated (GatherBlockQuantized "
+                "wants its zero points laid out per block); quantize the embedding symmetric"
+            )
+        groups = -(-dim // group_size)
+        scale = op.Unsqueeze(w_scale, op.Constant(value_ints=[-1]))  # [vocab, G, 1]: the rank of the table
+        rows = contrib.GatherBlockQuantized(
+            w, ids, scale, None, bits=w_bits, block_size=group_size, gather_axis=0, quantize_axis=2
+        )  # [*ids, G, g]
+        flat = op.Reshape(
+            rows, op.Concat(op.Shape(ids), op.Constant(value_ints=[groups * group_size]), axis=0)
+        )
+        if groups * group_size == dim:
+            return flat
+        return op.Slice(
+            flat, op.Constant(value_ints=[0]), op.Constant(value_ints=[dim]), op.Constant(value_ints=[-1])
+        )
+    rows = op.Gather(w, ids, axis=0)
+    scale = op.Gather(w_scale, ids, axis=0)
+    zp = None if w_zero_point is None else op.Gather(w_zero_point, ids, axis=0)
+    if group_size > 0:
+        return op.DequantizeLinear(rows, scale, zp, axis=-1, block_size=group_size)
+    return _dequantize_x(rows, scale, zp)
+
+
+def translation_table(accuracy_level: int) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+    """Every qcompile op the exporter can meet, mapped to its translation."""
+    return {
+        ops.QUANTIZE: quantize,
+        ops.DEQUANTIZE: dequantize,
+        ops.CHOOSE_QPARAMS_PER_TOKEN: choose_qparams_per_token,
+        QLINEAR_W: make_qlinear_w(accuracy_level),
+        QLINEAR_WA: make_qlinear_wa(accuracy_level),
+        QEMBEDDING: qembedding,
+    }

@@ -1,0 +1,291 @@
+"""ONNX Runtime speed and size of SmolLM2-135M exports: FP32 vs each quantized recipe.
+
+    python benchmarks/ort_speed.py                              # the default rows, 2 threads
+    python benchmarks/ort_speed.py --rows fp w4a16 --threads 2 --ppl-windows 0
+
+Every file is the decode step with its KV cache (``qcompile export-onnx``): prefill = one call on a
+512-token prompt with an empty cache (batch 1); decode = one token per call at a 512-token context
+(the cache is random: speed does not depend on its values), batch 1 and 8, tokens/s = batch ×
+steps / seconds. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``.
+
+Accuracy: perplexity of the *reference* QGraph (torch) for each recipe on wiki.test.raw
+(``--ppl-windows`` × ``--ppl-seq-len``). The ONNX file reproduces the reference up to its kernels'
+own error — MatMulInteger's float epilogue and MatMulNBits' accuracy level (1: fp32 activations,
+exact to ~1e-4; 4: activations quantized to int8 per block inside the kernel) — reported as
+``ort Δ``, the relative L2 error of ORT's last-token logits vs the reference on 4 × 128 tokens.
+The peer row is ORT's own ``MatMulNBitsQuantizer`` (4-bit, block 128, asymmetric) run on our FP32
+export: it quantizes the MatMuls it finds and leaves the tied 49152 × 576 table in FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, capture_decoder, export_decoder  # noqa: E402
+from qcompile.backends.onnx.command import load_causal_lm  # noqa: E402
+from qcompile.backends.onnx.export import set_accuracy_level  # noqa: E402
+from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head  # noqa: E402
+from qcompile.eval import perplexity  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked file: a recipe, optional lm_head/embedding quantization, accuracy level."""
+
+    name: str
+    recipe: str | None  # None: the peer (ORT's quantizer on the FP32 file)
+    head: HeadQuantOptions | None = None
+    accuracy_level: int = 4
+
+
+ROWS = {
+    "fp": Row("fp32", "fp"),
+    "w8a8": Row("w8a8-rtn (MatMulInteger)", "w8a8-rtn"),
+    "w4a16": Row("w4a16-rtn g128, acc 4", "w4a16-rtn"),
+    "w4a16-acc1": Row("w4a16-rtn g128, acc 1", "w4a16-rtn", accuracy_level=1),
+    "w4a16-head": Row(
+        "w4a16-rtn g128 + lm_head/emb int4 g64, acc 4", "w4a16-rtn", HeadQuantOptions(4, 4, 64)
+    ),
+    "w4a16-head8": Row(
+        "w4a16-rtn g128 + lm_head/emb int8 g64 (tied), acc 4", "w4a16-rtn", HeadQuantOptions(8, 8, 64)
+    ),
+    "peer": Row("peer: ORT MatMulNBitsQuantizer b128 asym, acc 4", None),
+}
+
+
+@dataclass
+class Result:
+    row: Row
+    file_mib: float
+    prefill_ms: float
+    decode_b1: float
+    decode_b8: float
+    ppl: float | None = None
+    ort_delta: float | None = None
+
+
+def _with_head_group(row: Row, group: int) -> Row:
+    if row.head is None:
+        return row
+    bits = row.head.lm_head_bits
+    name = f"{row.recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc {row.accuracy_level}"
+    return replace(row, name=name, head=replace(row.head, group_size=group))
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (also ORT's first-run allocations)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(
+    path: Path, threads: int, repeats: int, steps: int, vocab: int, ctx: int = 512
+) -> tuple[float, float, float]:
+    """(prefill ms at batch 1, decode tokens/s at batch 1, at batch 8)."""
+    dec = OrtDecoder(path, SessionOptions(threads=threads))
+    gen = np.random.default_rng(0)
+    prompt = gen.integers(0, vocab, (1, ctx), dtype=np.int64)
+    prefill = _median_time(lambda: dec.step(prompt, dec.empty_cache(1)), repeats)
+    rates = []
+    for batch in (1, 8):
+        shape = (batch, dec.num_kv_heads, ctx, dec.head_dim)
+        past = [gen.standard_normal(shape, dtype=np.float32) for _ in range(2 * dec.num_layers)]
+        token = np.zeros((batch, 1), dtype=np.int64)
+
+        def decode_steps(past=past, token=token) -> None:
+            for _ in range(steps):
+                dec.step(token, past)  # the same context each step: a fixed 512-token decode cost
+
+        rates.append(batch * steps / _median_time(decode_steps, repeats))
+    return 1000 * prefill, rates[0], rates[1]
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """``MatMul(x, Transpose(W))`` → ``MatMul(x, Wᵀ)`` with Wᵀ an initializer, for weights read only by
+    that Transpose (ORT's quantizer quantizes constant MatMul inputs only; torch.onnx leaves the
+    transpose of ``linear``). A shared table (the tied embedding) is left alone, as in METHODS.md."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    folded, keep = 0, []
+    for node in model.graph.node:
+        src = node.input[0] if node.input else ""
+        if node.op_type == "Transpose" and src in inits and readers.get(src) == 1:
+            arr = numpy_helper.to_array(inits[src]).T.copy()
+            model.graph.initializer.remove(inits.pop(src))
+            model.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+            folded += 1
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return folded
+
+
+def peer_quantize(fp_path: Path, out: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp_path))
+    fold_weight_transposes(model)
+    quant = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, accuracy_level=4)
+    quant.process()
+    quant.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def reference_ppl(prefill_graph, row: Row, tok, windows: int, seq_len: int) -> float:
+    ids = prefill_graph[1]
+    qm = qcompile.quantize(prefill_graph[0], row.recipe, example_inputs=(ids,), progress=False)
+    if row.head is not None:
+        quantize_head(qm.qgraph, row.head)
+    return perplexity(qm.qgraph, tok, seq_len=seq_len, max_windows=windows, progress=False).ppl
+
+
+def _ort_deviation(path: Path, export, tok, threads: int, n: int = 4, length: int = 128) -> float:
+    """Relative L2 error of ORT's last-token logits vs the reference decode QGraph, over ``n``
+    prompts of ``length`` tokens from wiki.test.raw."""
+    from qcompile.data import load_wikitext_test, tokenize
+
+    ids = tokenize(tok, load_wikitext_test())[0][: n * length].view(n, length)
+    dec = OrtDecoder(path, SessionOptions(threads=threads))
+    layout = export.qgraph.info["decoder"]
+    ort_logits, _ = dec.step(ids.numpy(), dec.empty_cache(n))
+    ref, _ = export.qgraph(ids, layout.empty(n))
+    ref = ref.numpy()
+    return float(np.linalg.norm(ort_logits - ref) / np.linalg.norm(ref))
+
+
+def build_files(rows: list[Row], model, work: Path) -> dict[Row, tuple[Path, object]]:
+    """Export every row's file once (rows differing only in accuracy level share an export)."""
+    decoder = capture_decoder(model)
+    exports: dict[tuple, tuple[Path, object]] = {}
+    files: dict[Row, tuple[Path, object]] = {}
+    for row in rows:
+        recipe = row.recipe if row.recipe is not None else "fp"
+        key = (recipe, row.head)
+        if key not in exports:
+            path = work / f"{recipe}{f'-head{row.head.lm_head_bits}' if row.head else ''}.onnx"
+            t0 = time.perf_counter()
+            exp = export_decoder(
+                model, path, recipe=recipe, qgraph=decoder, head=row.head, options=ExportOptions()
+            )
+            print(
+                f"exported {path.name} in {time.perf_counter() - t0:.0f} s\n{exp.report.summary()}",
+                flush=True,
+            )
+            exports[key] = (path, exp)
+        path, exp = exports[key]
+        if row.recipe is None:
+            peer = work / "peer.onnx"
+            peer_quantize(path, peer)
+            files[row] = (peer, None)
+        elif row.accuracy_level != 4:
+            patched = work / f"{path.stem}-acc{row.accuracy_level}.onnx"
+            set_accuracy_level(path, patched, row.accuracy_level)
+            files[row] = (patched, exp)
+        else:
+            files[row] = (path, exp)
+    return files
+
+
+def format_table(results: list[Result], args: argparse.Namespace, argv: list[str]) -> str:
+    fp = next((r for r in results if r.row.recipe == "fp"), None)
+    cmd = "python benchmarks/ort_speed.py " + " ".join(shlex.quote(a) for a in argv)
+    load = os.getloadavg()[0]
+    lines = [
+        f"{args.model} decode-step ONNX files; ORT {__import__('onnxruntime').__version__} CPU EP, "
+        f"{args.threads} intra-op threads, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores visible, load average {load:.1f} at the end (shared machine: timings are noisy).",
+        f"Prefill: 512 tokens, batch 1. Decode: one token per call at a 512-token context, median of "
+        f"{args.repeats} × {args.steps} steps. ppl: reference QGraph (torch), wiki.test.raw "
+        f"{args.ppl_windows} × {args.ppl_seq_len}. ort Δ: rel. L2 error of ORT's last-token logits vs the "
+        "reference (4 prompts × 128 tokens).",
+        "",
+        "| file | MiB | × fp32 | prefill 512 (ms) | decode b1 (tok/s) | × fp32 | decode b8 (tok/s) | × fp32 | ppl | ort Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        size = f"{r.file_mib / fp.file_mib:.2f}" if fp else "-"
+        b1 = f"{r.decode_b1 / fp.decode_b1:.2f}" if fp else "-"
+        b8 = f"{r.decode_b8 / fp.decode_b8:.2f}" if fp else "-"
+        ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
+        delta = f"{r.ort_delta:.1e}" if r.ort_delta is not None else "-"
+        lines.append(
+            f"| {r.row.name} | {r.file_mib:.1f} | {size} | {r.prefill_ms:.0f} | {r.decode_b1:.1f} | {b1} "
+            f"| {r.decode_b8:.1f} | {b8} | {ppl} | {delta} |"
+        )
+    lines += ["", f"command: `{cmd.strip()}`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, or tiny-llama for a smoke run")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--head-group-size", type=int, default=64, help="lm_head/embedding group size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="decode calls per timed repeat")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="0 skips perplexity")
+    parser.add_argument("--ppl-seq-len", type=int, default=512)
+    parser.add_argument("--work", default="/tmp/qcompile_ort_bench", help="where the .onnx files go")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [ROWS[k] for k in args.rows]
+    rows = [_with_head_group(r, args.head_group_size) for r in rows]
+    if any(r.recipe is None for r in rows) and ROWS["fp"] not in rows:
+        rows.insert(0, ROWS["fp"])  # the peer quantizes the FP32 export
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok = load_causal_lm(args.model)
+    files = build_files(rows, model, work)
+    prefill_graph = None
+    if args.ppl_windows:
+        ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"].repeat(
+            2, 1
+        )
+        prefill_graph = (qcompile.capture(model, (ids,)), ids)
+    results = []
+    for row in rows:
+        path, exp = files[row]
+        prefill, b1, b8 = measure(path, args.threads, args.repeats, args.steps, model.config.vocab_size)
+        res = Result(row, path.stat().st_size / 2**20, prefill, b1, b8)
+        if prefill_graph is not None and row.recipe is not None:
+            res.ppl = reference_ppl(prefill_graph, row, tok, args.ppl_windows, args.ppl_seq_len)
+        if exp is not None and row.recipe != "fp":
+            res.ort_delta = _ort_deviation(path, exp, tok, args.threads)
+        results.append(res)
+        print(f"{row.name}: {res}", flush=True)
+    table = format_table(results, args, argv)
+    print("\n" + table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
