@@ -54,13 +54,14 @@ _EMBEDDING = torch.ops.aten.embedding.default
 
 @dataclass
 class FoldedLinear:
-    """One linear after folding: which op it became and what its weight costs now."""
+    """One linear (or embedding) after folding: which op it became and what its weight costs now.
+    A weight shared with an earlier one (tied lm_head/embedding) counts 0 bytes before and after."""
 
-    node: str  # the aten.linear it replaced
-    op: str  # qlinear_w | qlinear_wa
+    node: str  # the aten.linear / aten.embedding it replaced
+    op: str  # qlinear_w | qlinear_wa | qembedding
     role: str
     scheme: str
-    storage: str  # "int4 packed" | "int8" | "int4 in int8 (…)"
+    storage: str  # "int4 packed" | "int8 blocked" | "int8" | "int4 in int8 (…)"
     weight_bytes_before: int  # int8 q + scale + zero point
     weight_bytes_after: int
 

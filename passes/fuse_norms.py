@@ -174,30 +174,7 @@ class FuseNormsPass(Pass):
         problem, embeddings = _stream_check(qgraph, st)
         if problem is not None:
             return {"centred": False, "reason": problem}
-        updates = [
-            ConstantUpdate(
-                str(e.args[0].target),
-                e.name,
-                "centred embedding rows",
-                lambda t: t - t.mean(-1, keepdim=True),
-            )
-            for e in embeddings
-        ]
-        for writer in stream.writers:
-            node = qgraph.node(writer)
-            updates.append(
-                ConstantUpdate(
-                    str(node.args[1].target),
-                    writer,
-                    "mean-free output rows",
-                    lambda w: w - w.mean(0, keepdim=True),
-                )
-            )
-            bias = P.linear_bias(node)
-            if bias is not None:
-                updates.append(
-                    ConstantUpdate(str(bias.target), writer, "mean-free bias", lambda b: b - b.mean())
-                )
+        updates = _centring_updates(qgraph, embeddings, stream.writers)
         changes, _ = write_updates(qgraph, updates)
         stream_nodes = set(stream.adds) | set(stream.sources)
         converted = [
@@ -290,6 +267,31 @@ def _rescale_stats(
             stats[sink] = stats[sink].scale_channels(s.float())
         else:
             del stats[sink]
+
+
+def _centring_updates(qgraph: QGraph, embeddings: list[fx.Node], writers: list[str]) -> list[ConstantUpdate]:
+    """Mean-free stream (QuaRot, LayerNorm models): every embedding row centred, every writer's output
+    rows made mean-free (``W ← W − 1·mean_rows(W)``, ``b ← b − mean(b)``)."""
+
+    def centre_rows(t: torch.Tensor) -> torch.Tensor:
+        return t - t.mean(-1, keepdim=True)
+
+    def centre_outputs(w: torch.Tensor) -> torch.Tensor:
+        return w - w.mean(0, keepdim=True)
+
+    updates = [
+        ConstantUpdate(str(e.args[0].target), e.name, "centred embedding rows", centre_rows)
+        for e in embeddings
+    ]
+    for writer in writers:
+        node = qgraph.node(writer)
+        updates.append(
+            ConstantUpdate(str(node.args[1].target), writer, "mean-free output rows", centre_outputs)
+        )
+        bias = P.linear_bias(node)
+        if bias is not None:
+            updates.append(ConstantUpdate(str(bias.target), writer, "mean-free bias", centre_outputs))
+    return updates
 
 
 def _stream_check(qgraph: QGraph, st: Structure) -> tuple[str | None, list[fx.Node]]:

@@ -59,6 +59,13 @@ class PreLN(nn.Module):
         return self.head(self.ln_f(x))
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """tiny_llama and its capture, shared (quantize never modifies a QGraph it is given)."""
+    model = tiny_llama()
+    return model, qcompile.capture(model, (torch.randint(0, 256, (2, 16)),))
+
+
 def _fuse(model, batches, passes=("analyze", "fuse_norms")):
     check = EquivalenceCheck(default_tolerance=EQUIV_RTOL)
     recipe = {"recipe": {"name": "t"}, "passes": list(passes)}
@@ -70,10 +77,10 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
 
-def test_tiny_llama_norms_become_weightless_and_readers_absorb_gamma():
-    model = tiny_llama()
+def test_tiny_llama_norms_become_weightless_and_readers_absorb_gamma(llama):
+    model, qg = llama
     batches = [(torch.randint(0, 256, (1, 24)),) for _ in range(2)]
-    qm, report = _fuse(model, batches)
+    qm, report = _fuse(qg, batches)
     assert report["equivalence_check"]["passed"] and report["equivalence_check"]["max_error"] < EQUIV_RTOL
     assert len(report["fused"]) == 5 and report["not_fused"] == []
     st = qm.qgraph.info["structure"]
@@ -95,13 +102,13 @@ def test_tiny_llama_norms_become_weightless_and_readers_absorb_gamma():
     assert (qm(x).logits - ref).abs().max() / ref.abs().max() < EQUIV_RTOL
 
 
-def test_calibration_statistics_follow_the_fold():
+def test_calibration_statistics_follow_the_fold(llama):
     """After fusing, the readers see x/γ: the rescaled statistics equal a fresh calibration's."""
-    model = tiny_llama()
+    _, qg = llama
     batches = [(torch.randint(0, 256, (1, 16)),) for _ in range(2)]
-    qm, _ = _fuse(model, batches, ("analyze", "calibrate", "fuse_norms"))
+    qm, _ = _fuse(qg, batches, ("analyze", "calibrate", "fuse_norms"))
     moved = qm.pipeline.results[-1][1].qgraph
-    fresh, _ = _fuse(model, batches, ("analyze", "fuse_norms", "calibrate"))
+    fresh, _ = _fuse(qg, batches, ("analyze", "fuse_norms", "calibrate"))
     ours = qcompile.meta.get(moved.node("linear_4"))["act_stats"]
     theirs = qcompile.meta.get(fresh.qgraph.node("linear_4"))["act_stats"]
     torch.testing.assert_close(ours.channel_absmax, theirs.channel_absmax, rtol=1e-5, atol=1e-6)

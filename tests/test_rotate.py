@@ -31,6 +31,13 @@ def _run(model, passes, batches=None, x=None):
     return qm, qm.report("rotate")
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """tiny_llama and its capture, shared (quantize never modifies a QGraph it is given)."""
+    model = tiny_llama()
+    return model, qcompile.capture(model, (torch.randint(0, 256, (2, 16)),))
+
+
 def _stages(report) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for s in report["sites"]:
@@ -38,10 +45,10 @@ def _stages(report) -> dict[str, set[str]]:
     return out
 
 
-def test_tiny_llama_r1_r2_r3_r4_keep_the_outputs_and_put_a_hadamard_before_every_down():
-    model = tiny_llama()
+def test_tiny_llama_r1_r2_r3_r4_keep_the_outputs_and_put_a_hadamard_before_every_down(llama):
+    model, qg = llama
     rotate = {"name": "rotate", "r3": True}
-    qm, report = _run(model, ["analyze", "fuse_norms", rotate])
+    qm, report = _run(qg, ["analyze", "fuse_norms", rotate])
     assert report["equivalence_check"]["passed"] and report["equivalence_check"]["max_error"] < EQUIV_RTOL
     # hidden 48 = 12·4, head_dim 8, intermediate 128: every site has a Hadamard.
     assert _stages(report) == {
@@ -108,7 +115,7 @@ def test_post_ln_bert_skips_r1_with_the_reason_and_still_rotates_heads_and_mlp()
     assert "post-LN" in report["skipped"][0]["reason"]
 
 
-def test_rotate_without_fuse_norms_is_refused_naming_the_norm():
+def test_rotate_without_fuse_norms_is_refused_naming_the_norm(llama):
     from qcompile.analysis import analyze
     from qcompile.pass_base import PassContext, PassError
     from qcompile.passes.rotate import RotatePass
@@ -116,7 +123,7 @@ def test_rotate_without_fuse_norms_is_refused_naming_the_norm():
 
     with pytest.raises(RecipeError, match="'rotate' requires fuse_norms"):
         load_recipe(_recipe(["analyze", "rotate"]))
-    qg = qcompile.capture(tiny_llama(), (torch.randint(0, 256, (1, 8)),))
+    qg = llama[1].copy()
     st = analyze(qg)
     first = st.residual.readers[0]
     ctx = PassContext(completed=["analyze", "fuse_norms"])  # claimed, not done: γ is still there
@@ -126,22 +133,18 @@ def test_rotate_without_fuse_norms_is_refused_naming_the_norm():
         RotatePass()(qg, ctx)
 
 
-def test_rotate_drops_stale_calibration_and_static_activations_need_a_new_one():
-    model = tiny_llama()
-    batches = [(torch.randint(0, 256, (1, 16)),)]
-    passes = ["analyze", "calibrate", "fuse_norms", "rotate"]
-    qm, report = _run(model, passes + [{"name": "quantize", "act_mode": "static_per_tensor"}][:0], batches)
-    # q, k, v, gate, up, lm_head (R1), o (R2), down (R4) in both layers: every linear's input moved.
-    assert len(report["calibration_dropped"]) == 15
-    from qcompile.pass_base import PassError
+def test_rotate_drops_stale_calibration_and_static_activations_need_a_new_one(llama):
+    from qcompile.pass_base import PassContext, PassError
+    from qcompile.pass_manager import run_recipe
+    from qcompile.passes.quantize import QuantizePass
 
+    ctx = PassContext(calibration=[(torch.randint(0, 256, (1, 16)),)], show_progress=False)
+    result = run_recipe(llama[1], _recipe(["analyze", "calibrate", "fuse_norms", "rotate"]), ctx)
+    # q, k, v, gate, up, lm_head (R1), o (R2), down (R4) in both layers: every linear's input moved.
+    assert len(result.result("rotate").report["calibration_dropped"]) == 15
+    assert ctx.state["calibration"] == {}
     with pytest.raises(PassError, match="static_per_tensor but no calibration entry"):
-        qcompile.quantize(
-            model,
-            _recipe(passes + [{"name": "quantize", "act_mode": "static_per_tensor"}]),
-            calibration=batches,
-            progress=False,
-        )
+        QuantizePass({"act_mode": "static_per_tensor"})(result.qgraph, ctx)
 
 
 def _planted_outliers() -> nn.Module:
@@ -237,8 +240,7 @@ def test_smollm2_fuse_norms_and_rotate_keep_logits(smollm2, smollm2_qgraph):
     """R1 (576 = 36·16), R2 (64), R4 (1536 = 12·128) on SmolLM2: logits within 1e-4 relative."""
     model, _ = smollm2
     qg, ids = smollm2_qgraph
-    check = EquivalenceCheck(sample_inputs=[(ids,)], default_tolerance=1e-4)
-    qm = qcompile.quantize(qg, _recipe(ROTATE), example_inputs=(ids,), instruments=[check], progress=False)
+    qm = qcompile.quantize(qg, _recipe(ROTATE), example_inputs=(ids,), progress=False)
     report = qm.report("rotate")
     assert _stages(report) == {"R1": {"random hadamard"}, "R2": {"random hadamard"}, "R4": {"hadamard"}}
     assert [s["size"] for s in report["sites"][:2]] == [576, 64]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import qcompile
@@ -19,16 +20,22 @@ from qcompile.smoothing import SearchObjective, find_groups
 W4 = WeightQuantSpec(4, True, 32)
 A4 = ActQuantSpec(4, "dynamic_per_token", True)
 QUANT = {"name": "quantize", "weight_bits": 4, "group_size": 32, "act_bits": 4}
-SMOOTH_DOWN = {"name": "smooth", "groups": ["down"], "search": True}
+SMOOTH_DOWN = {
+    "name": "smooth",
+    "groups": ["down"],
+    "search": True,
+    "alpha_grid": [0.1 * i for i in range(11)],
+}
 
 
-def _planted() -> torch.nn.Module:
-    """tiny_llama whose down_proj inputs have two channels 30× the rest (up rows scaled)."""
+@pytest.fixture(scope="module")
+def planted():
+    """tiny_llama whose down_proj inputs have two channels 30× the rest (up rows scaled), captured."""
     model = tiny_llama(tie_word_embeddings=False)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.up_proj.weight[[5, 77]] *= 30.0
-    return model
+    return model, qcompile.capture(model, (torch.randint(0, 256, (2, 32)),))
 
 
 def _manual_error(x, w, s, h):
@@ -40,9 +47,8 @@ def _manual_error(x, w, s, h):
     return float(((x @ w.T - xq @ wq.T) ** 2).sum())
 
 
-def test_hadamard_objective_scores_after_the_r4_hadamard_and_the_default_is_unchanged():
-    model = _planted()
-    qg = qcompile.capture(model, (torch.randint(0, 256, (1, 16)),))
+def test_hadamard_objective_scores_after_the_r4_hadamard_and_the_default_is_unchanged(planted):
+    qg = planted[1].copy()
     st = analyze(qg)
     stats = calibrate(qg, [(torch.randint(0, 256, (2, 24)),)], progress=False)
     group = find_groups(st, ["down"])[0][0]
@@ -69,13 +75,12 @@ def _recipe(passes: list) -> dict:
     return {"recipe": {"name": "t"}, "passes": passes}
 
 
-def test_smoothrot_is_equivalent_before_quantization_and_never_worse_than_quarot_at_down():
+def test_smoothrot_is_equivalent_before_quantization_and_never_worse_than_quarot_at_down(planted):
     """The α search scores exactly what the quantizer later sees at down_proj (H (x ⊘ s), RTN weights,
     the same calibration rows), so every down_proj's output SQNR is at least QuaRot's."""
-    model = _planted()
+    qg = planted[1]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (2, 32), generator=g),) for _ in range(2)]
-    qg = qcompile.capture(model, batches[0])
     rotated = ["fuse_norms", "rotate", "calibrate", QUANT]
     smoothrot = ["analyze", "calibrate", {**SMOOTH_DOWN, "objective_rotation": "hadamard"}, *rotated]
     check = EquivalenceCheck(default_tolerance=1e-5)

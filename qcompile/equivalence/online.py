@@ -229,6 +229,22 @@ def _inverse_transpose(m: torch.Tensor, pass_name: str, site: str, what: str) ->
         ) from None
 
 
+def _merge(op: OnlineOp, m: torch.Tensor, minv_t: torch.Tensor):
+    """``W ↦ W M⁻ᵀ`` in float64. For orthogonal M that is ``W M``: each row of W through the op itself
+    (a fast Hadamard: O(n log n) per row instead of a dense n×n product), when the op is exact in
+    float64 (checked on a probe); otherwise the dense product."""
+    if minv_t is m:
+        probe = torch.randn(4, m.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
+        try:
+            with torch.no_grad():
+                fast_ok = bool(torch.allclose(op.eager(probe), probe @ m, rtol=1e-12, atol=1e-12))
+        except (RuntimeError, TypeError):  # the op has no float64 path
+            fast_ok = False
+        if fast_ok:
+            return lambda w: op.eager(w)
+    return lambda w: w @ minv_t
+
+
 # ---- entry points -------------------------------------------------------------------------------
 
 
@@ -267,7 +283,7 @@ def insert_online_transform(
     x = node.args[0]
     out, names = _insert_op(qgraph, x, op, node, linear)
     node.replace_input_with(x, out)
-    update = ConstantUpdate(str(w_node.target), linear, "online inverse (columns)", lambda w: w @ minv_t)
+    update = ConstantUpdate(str(w_node.target), linear, "online inverse (columns)", _merge(op, m, minv_t))
     changes, _ = write_updates(qgraph, [update])
     if recompile:
         qgraph.recompile()
