@@ -6,7 +6,9 @@
 Every file is the decode step with its KV cache (``qcompile export-onnx``): prefill = one call on a
 512-token prompt with an empty cache (batch 1); decode = one token per call at a 512-token context
 (the cache is random: speed does not depend on its values), batch 1 and 8, tokens/s = batch ×
-steps / seconds. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``.
+steps / seconds. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``,
+the files timed interleaved (each repeat runs every file once) so that load changes on a shared
+machine hit every row alike.
 
 Accuracy: perplexity of the *reference* QGraph (torch) for each recipe on wiki.test.raw
 (``--ppl-windows`` × ``--ppl-seq-len``). The ONNX file reproduces the reference up to its kernels'
@@ -36,7 +38,14 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, capture_decoder, export_decoder  # noqa: E402
+from qcompile.backends.onnx import (  # noqa: E402
+    ExportOptions,
+    OrtDecoder,
+    SessionOptions,
+    capture_decoder,
+    export_decoder,
+    quantize_decoder,
+)
 from qcompile.backends.onnx.command import load_causal_lm  # noqa: E402
 from qcompile.backends.onnx.export import set_accuracy_level  # noqa: E402
 from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head  # noqa: E402
@@ -87,36 +96,57 @@ def _with_head_group(row: Row, group: int) -> Row:
     return replace(row, name=name, head=replace(row.head, group_size=group))
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (also ORT's first-run allocations)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class _Timer:
+    """One file's timed workloads: prefill (batch 1, 512 tokens) and a decode burst at batch 1 and 8."""
 
+    def __init__(self, path: Path, threads: int, steps: int, vocab: int, ctx: int = 512) -> None:
+        self.dec = OrtDecoder(path, SessionOptions(threads=threads))
+        gen = np.random.default_rng(0)
+        self.prompt = gen.integers(0, vocab, (1, ctx), dtype=np.int64)
+        self.steps = steps
+        self.past = {}
+        for batch in (1, 8):
+            shape = (batch, self.dec.num_kv_heads, ctx, self.dec.head_dim)
+            self.past[batch] = [
+                gen.standard_normal(shape, dtype=np.float32) for _ in range(2 * self.dec.num_layers)
+            ]
+        self.times: dict[str, list[float]] = {"prefill": [], "b1": [], "b8": []}
 
-def measure(
-    path: Path, threads: int, repeats: int, steps: int, vocab: int, ctx: int = 512
-) -> tuple[float, float, float]:
-    """(prefill ms at batch 1, decode tokens/s at batch 1, at batch 8)."""
-    dec = OrtDecoder(path, SessionOptions(threads=threads))
-    gen = np.random.default_rng(0)
-    prompt = gen.integers(0, vocab, (1, ctx), dtype=np.int64)
-    prefill = _median_time(lambda: dec.step(prompt, dec.empty_cache(1)), repeats)
-    rates = []
-    for batch in (1, 8):
-        shape = (batch, dec.num_kv_heads, ctx, dec.head_dim)
-        past = [gen.standard_normal(shape, dtype=np.float32) for _ in range(2 * dec.num_layers)]
+    def _prefill(self) -> None:
+        self.dec.step(self.prompt, self.dec.empty_cache(1))
+
+    def _decode(self, batch: int) -> None:
         token = np.zeros((batch, 1), dtype=np.int64)
+        for _ in range(self.steps):
+            self.dec.step(token, self.past[batch])  # the same 512-token context every step
 
-        def decode_steps(past=past, token=token) -> None:
-            for _ in range(steps):
-                dec.step(token, past)  # the same context each step: a fixed 512-token decode cost
+    def run_once(self, record: bool = True) -> None:
+        for key, fn in (
+            ("prefill", self._prefill),
+            ("b1", lambda: self._decode(1)),
+            ("b8", lambda: self._decode(8)),
+        ):
+            t0 = time.perf_counter()
+            fn()
+            if record:
+                self.times[key].append(time.perf_counter() - t0)
 
-        rates.append(batch * steps / _median_time(decode_steps, repeats))
-    return 1000 * prefill, rates[0], rates[1]
+    def result(self) -> tuple[float, float, float]:
+        """(prefill ms, decode tokens/s at batch 1, at batch 8), medians."""
+        med = {k: statistics.median(v) for k, v in self.times.items()}
+        return 1000 * med["prefill"], self.steps / med["b1"], 8 * self.steps / med["b8"]
+
+
+def measure_all(paths: dict, threads: int, repeats: int, steps: int, vocab: int) -> dict:
+    """Time every file, interleaved: each repeat runs every file once, so a change of machine load
+    (this is a shared machine) hits all rows alike instead of whichever row ran at the time."""
+    timers = {row: _Timer(path, threads, steps, vocab) for row, path in paths.items()}
+    for timer in timers.values():
+        timer.run_once(record=False)  # warm-up: ORT's first-run allocations
+    for _ in range(repeats):
+        for timer in timers.values():
+            timer.run_once()
+    return {row: timer.result() for row, timer in timers.items()}
 
 
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
@@ -163,50 +193,52 @@ def reference_ppl(prefill_graph, row: Row, tok, windows: int, seq_len: int) -> f
     return perplexity(qm.qgraph, tok, seq_len=seq_len, max_windows=windows, progress=False).ppl
 
 
-def _ort_deviation(path: Path, export, tok, threads: int, n: int = 4, length: int = 128) -> float:
-    """Relative L2 error of ORT's last-token logits vs the reference decode QGraph, over ``n``
-    prompts of ``length`` tokens from wiki.test.raw."""
+def _ort_deviation(path: Path, decoder, row: Row, tok, threads: int, n: int = 4, length: int = 128) -> float:
+    """Relative L2 error of ORT's last-token logits vs the reference decode QGraph (the recipe run on
+    the captured decoder, in torch), over ``n`` prompts of ``length`` tokens from wiki.test.raw."""
     from qcompile.data import load_wikitext_test, tokenize
 
+    reference, _ = quantize_decoder(decoder, row.recipe)
+    if row.head is not None:
+        quantize_head(reference, row.head)
     ids = tokenize(tok, load_wikitext_test())[0][: n * length].view(n, length)
     dec = OrtDecoder(path, SessionOptions(threads=threads))
-    layout = export.qgraph.info["decoder"]
     ort_logits, _ = dec.step(ids.numpy(), dec.empty_cache(n))
-    ref, _ = export.qgraph(ids, layout.empty(n))
+    ref, _ = reference(ids, decoder.info["decoder"].empty(n))
     ref = ref.numpy()
     return float(np.linalg.norm(ort_logits - ref) / np.linalg.norm(ref))
 
 
-def build_files(rows: list[Row], model, work: Path) -> dict[Row, tuple[Path, object]]:
-    """Export every row's file once (rows differing only in accuracy level share an export)."""
-    decoder = capture_decoder(model)
-    exports: dict[tuple, tuple[Path, object]] = {}
-    files: dict[Row, tuple[Path, object]] = {}
+def build_files(rows: list[Row], model, decoder, work: Path, reuse: bool) -> dict[Row, Path]:
+    """Export every row's file once (rows differing only in accuracy level share an export);
+    ``reuse`` keeps files already in ``work``."""
+    exports: dict[tuple, Path] = {}
+    files: dict[Row, Path] = {}
     for row in rows:
         recipe = row.recipe if row.recipe is not None else "fp"
         key = (recipe, row.head)
         if key not in exports:
             path = work / f"{recipe}{f'-head{row.head.lm_head_bits}' if row.head else ''}.onnx"
-            t0 = time.perf_counter()
-            exp = export_decoder(
-                model, path, recipe=recipe, qgraph=decoder, head=row.head, options=ExportOptions()
-            )
-            print(
-                f"exported {path.name} in {time.perf_counter() - t0:.0f} s\n{exp.report.summary()}",
-                flush=True,
-            )
-            exports[key] = (path, exp)
-        path, exp = exports[key]
+            if not (reuse and path.exists()):
+                t0 = time.perf_counter()
+                exp = export_decoder(
+                    model, path, recipe=recipe, qgraph=decoder, head=row.head, options=ExportOptions()
+                )
+                print(
+                    f"exported {path.name} in {time.perf_counter() - t0:.0f} s\n{exp.report.summary()}",
+                    flush=True,
+                )
+            exports[key] = path
+        path = exports[key]
         if row.recipe is None:
-            peer = work / "peer.onnx"
-            peer_quantize(path, peer)
-            files[row] = (peer, None)
+            files[row] = work / "peer.onnx"
+            if not (reuse and files[row].exists()):
+                peer_quantize(path, files[row])
         elif row.accuracy_level != 4:
-            patched = work / f"{path.stem}-acc{row.accuracy_level}.onnx"
-            set_accuracy_level(path, patched, row.accuracy_level)
-            files[row] = (patched, exp)
+            files[row] = work / f"{path.stem}-acc{row.accuracy_level}.onnx"
+            set_accuracy_level(path, files[row], row.accuracy_level)
         else:
-            files[row] = (path, exp)
+            files[row] = path
     return files
 
 
@@ -219,7 +251,7 @@ def format_table(results: list[Result], args: argparse.Namespace, argv: list[str
         f"{args.threads} intra-op threads, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores visible, load average {load:.1f} at the end (shared machine: timings are noisy).",
         f"Prefill: 512 tokens, batch 1. Decode: one token per call at a 512-token context, median of "
-        f"{args.repeats} × {args.steps} steps. ppl: reference QGraph (torch), wiki.test.raw "
+        f"{args.repeats} × {args.steps} steps, files timed interleaved. ppl: reference QGraph (torch), wiki.test.raw "
         f"{args.ppl_windows} × {args.ppl_seq_len}. ort Δ: rel. L2 error of ORT's last-token logits vs the "
         "reference (4 prompts × 128 tokens).",
         "",
@@ -253,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--work", default="/tmp/qcompile_ort_bench", help="where the .onnx files go")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--reuse", action="store_true", help="keep .onnx files already in --work")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [ROWS[k] for k in args.rows]
@@ -262,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model, tok = load_causal_lm(args.model)
-    files = build_files(rows, model, work)
+    decoder = capture_decoder(model)
+    files = build_files(rows, model, decoder, work, args.reuse)
+    timings = measure_all(files, args.threads, args.repeats, args.steps, model.config.vocab_size)
     prefill_graph = None
     if args.ppl_windows:
         ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"].repeat(
@@ -271,13 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         prefill_graph = (qcompile.capture(model, (ids,)), ids)
     results = []
     for row in rows:
-        path, exp = files[row]
-        prefill, b1, b8 = measure(path, args.threads, args.repeats, args.steps, model.config.vocab_size)
-        res = Result(row, path.stat().st_size / 2**20, prefill, b1, b8)
+        res = Result(row, files[row].stat().st_size / 2**20, *timings[row])
         if prefill_graph is not None and row.recipe is not None:
             res.ppl = reference_ppl(prefill_graph, row, tok, args.ppl_windows, args.ppl_seq_len)
-        if exp is not None and row.recipe != "fp":
-            res.ort_delta = _ort_deviation(path, exp, tok, args.threads)
+        if row.recipe not in (None, "fp"):
+            res.ort_delta = _ort_deviation(files[row], decoder, row, tok, args.threads)
         results.append(res)
         print(f"{row.name}: {res}", flush=True)
     table = format_table(results, args, argv)
