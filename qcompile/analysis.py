@@ -95,7 +95,7 @@ def _linear_behind(node: fx.Node, through: set) -> tuple[fx.Node | None, bool]:
         if P.is_passthrough(node) or P.is_op(node, P.PERMUTE_OPS):
             node = node.args[0]
             continue
-        if P.is_op(node, through):
+        if P.is_op(node, through) or P.is_online_transform(node):
             crossed = True
             node = _data_operand(node)
             continue
@@ -143,7 +143,8 @@ def _find_attention(graph: fx.Graph, st: Structure) -> None:
             continue
         q, rope_q = _linear_behind(node.args[0], P.ROPE_OPS)
         k, rope_k = _linear_behind(node.args[1], P.ROPE_OPS)
-        v, _ = _linear_behind(node.args[2], set())
+        # v may cross the KV cache's concat(past_v, v) in a decode-step graph.
+        v, _ = _linear_behind(node.args[2], {P.aten.cat.default})
         o = _linear_ahead(node)
         if not all((q, k, v, o)):
             continue
@@ -175,7 +176,8 @@ def _find_mlps(graph: fx.Graph, st: Structure) -> None:
     for node in graph.nodes:
         if not P.is_linear(node) or st.linears[node.name].role != "linear":
             continue
-        producer = P.skip_passthrough_back(node.args[0])
+        # After rotation (R4) down_proj reads hadamard(act(gate) * up): still the same MLP.
+        producer = P.skip_online_transforms_back(node.args[0])
         if P.is_op(producer, P.MUL_OPS):
             site = _gated_mlp(producer, node, st)
         elif P.is_op(producer, P.ACTIVATION_OPS):

@@ -177,6 +177,11 @@ def _flatten_codegen(gm: fx.GraphModule) -> None:
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if not isinstance(out.args[0], (tuple, list)):
         out.args = ((out.args[0],),)
+    if hasattr(gm, "_in_spec"):
+        # torch.export's unlifted module checks its inputs against the nested signature; it is now
+        # called with flat inputs (the QGraph flattens), so the check must see the flat one.
+        n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        gm._in_spec = pytree.tree_flatten((tuple(range(n_inputs)), {}))[1]
     gm.recompile()
 
 

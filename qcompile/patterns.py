@@ -79,6 +79,25 @@ def is_full_slice(node: fx.Node) -> bool:
     return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
 
 
+def is_online_transform(node: object) -> bool:
+    """An online orthogonal op a rotation inserted (``qcompile::hadamard``): it changes values but
+    not the block structure, so role finding looks through it."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return False
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "qcompile" and (
+        target._schema.name.split("::")[-1] == "hadamard"
+    )
+
+
+def skip_online_transforms_back(node: fx.Node) -> fx.Node:
+    """Walk up through value-preserving views and online rotations to the producing node."""
+    node = skip_passthrough_back(node)
+    while is_online_transform(node):
+        node = skip_passthrough_back(node.args[0])
+    return node
+
+
 def is_passthrough(node: fx.Node) -> bool:
     """Ops that neither change values nor move the last (channel) dimension."""
     return is_op(node, VIEW_OPS | CAST_OPS) or is_full_slice(node)

@@ -127,3 +127,25 @@ def test_smollm2_structure(smollm2_qgraph):
     assert len(st.residual.writers) == 60 and len(st.residual.readers) == 61
     mlp = st.linears[st.mlps[0].down]
     assert (mlp.in_features, mlp.out_features) == (1536, 576)
+
+
+def test_roles_survive_rotation_with_online_hadamard():
+    """After R4 a qcompile::hadamard op sits before every down_proj; analysis looks through it."""
+    model = tiny_llama()
+    batches = [(torch.randint(0, 256, (1, 16)),)]
+    recipe = {"recipe": {"name": "t"}, "passes": ["analyze", "fuse_norms", "rotate"]}
+    qm = qcompile.quantize(model, recipe, calibration=batches, progress=False)
+    st = analyze(qm.qgraph)
+    by_layer = _roles_by_layer(st)
+    for layer in range(model.config.num_hidden_layers):
+        assert sorted(by_layer[layer]) == sorted(LLAMA_ROLES)
+    assert all(m.kind == "gated" for m in st.mlps) and len(st.mlps) == model.config.num_hidden_layers
+
+
+def test_decode_step_attention_is_found_through_the_kv_cache_concat():
+    from qcompile.backends.onnx.decoder import capture_decoder
+
+    model = tiny_llama()
+    st = analyze(capture_decoder(model))
+    assert st.num_layers == model.config.num_hidden_layers
+    assert sorted(_roles_by_layer(st)[0]) == sorted(LLAMA_ROLES)

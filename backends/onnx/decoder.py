@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 import qcompile
 from qcompile.ir import QGraph
@@ -112,10 +111,6 @@ def capture_decoder(model: torch.nn.Module, *, last_logits_only: bool = True) ->
     step = DecoderStep(model, last_logits_only)
     example = example_decoder_inputs(layout, vocab=min(256, model.config.vocab_size))
     qgraph = qcompile.capture(step, example)
-    # The captured GraphModule keeps torch.export's input check against the nested signature but
-    # is called with flat inputs (the QGraph holds the nested spec and flattens): state the flat one.
-    flat = qgraph.flatten_inputs(example)
-    qgraph.graph_module._in_spec = pytree.tree_flatten((tuple(flat), {}))[1]
     qgraph.info["decoder"] = layout
     return qgraph
 

@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from qcompile import meta as qmeta
@@ -198,9 +197,6 @@ def _folded_copy(qgraph: QGraph) -> tuple[QGraph, str]:
 def _torch_export(graph: QGraph, flat: list[Any], dynamic: tuple | None) -> torch.export.ExportedProgram:
     """Re-export the (flat-calling) graph module with dynamic dims (default: every tensor dim)."""
     gm = graph.graph_module
-    # capture's GraphModule keeps torch.export's input check against the *nested* signature, but it
-    # is called with flat inputs (the QGraph holds the nested spec): state the flat one.
-    gm._in_spec = pytree.tree_flatten((tuple(flat), {}))[1]
     if dynamic is None:
         dynamic = tuple(
             {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None for t in flat
