@@ -2,10 +2,19 @@
 
     python benchmarks/ppl.py                         # all shipped recipes, seq 2048 x 16 windows
     python benchmarks/ppl.py --recipes fp w8a8-rtn --seq-len 1024 --windows 8 --calib 32x512
+    python benchmarks/ppl.py --ort 4 1             # also export each recipe to ONNX and score it in ORT
 
 Protocol: wiki.test.raw (universal newlines), non-overlapping windows from the start; calibration
 windows drawn (seeded) from wiki.valid.tokens only. Prints a Markdown table and the command line
 that produced it.
+
+``--ort L …``: each quantized QGraph is also exported (``export_onnx``, the full-sequence forward) with
+MatMulNBits ``accuracy_level`` L and scored by ONNX Runtime on the same windows: the parity column
+is ``ppl_ort / ppl_reference − 1`` (the issue's bar: within 1 %).
+
+``--head BITS``: after each recipe, also quantize lm_head and the (tied) embedding table to BITS,
+symmetric groups of 64 (:mod:`qcompile.backends.onnx.head`, what ``export-onnx --lm-head-bits
+--embedding-bits`` ships) — in the reference and in the ORT file alike.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", default="128x512", help="calibration windows NxL from wiki.valid.tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--head",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="also quantize lm_head + embedding to this many bits (g64, symmetric) after each recipe",
+    )
+    parser.add_argument(
+        "--ort",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="LEVEL",
+        help="also score an ONNX export of each recipe in ORT, once per MatMulNBits accuracy level",
+    )
     args = parser.parse_args(argv)
     recipes = args.recipes or list_recipes()
     n_cal, len_cal = _parse_calib(args.calib)
@@ -60,10 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         qm = qcompile.quantize(
             qgraph, recipe, calibration=batches if needs_cal else None, example_inputs=example
         )
+        if args.head is not None:
+            from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
+
+            quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, 64))
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
-        rows.append((name, res.ppl, t_quant, res.seconds))
-        print(f"    ppl {res.ppl:.3f}  (quantize {t_quant:.1f} s, eval {res.seconds:.1f} s)", flush=True)
+        ort = {level: _ort_ppl(qm.qgraph, example, tok, args, level) for level in args.ort or []}
+        rows.append((name, res.ppl, t_quant, res.seconds, ort))
+        extra = "".join(f", ORT acc {lv}: {v:.3f}" for lv, v in ort.items())
+        print(
+            f"    ppl {res.ppl:.3f}{extra}  (quantize {t_quant:.1f} s, eval {res.seconds:.1f} s)", flush=True
+        )
 
     fp = next((r[1] for r in rows if r[0] == "fp"), None)
     cmd = (
@@ -75,14 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"SmolLM2-135M-Instruct, wiki.test.raw seq {args.seq_len} x {args.windows} windows; "
         f"calibration {n_cal} x {len_cal} tokens of wiki.valid.tokens (seed {args.seed}); "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        + (f"lm_head + embedding int{args.head} g64 symmetric; " if args.head else "")
+        + f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "",
-        "| recipe | ppl | vs fp | quantize (s) | eval (s) |",
-        "|---|---|---|---|---|",
+        "| recipe | ppl | vs fp | quantize (s) | eval (s) |"
+        + "".join(f" ORT acc {lv} ppl | ORT vs torch |" for lv in args.ort or []),
+        "|---|---|---|---|---|" + "---|---|" * len(args.ort or []),
     ]
-    for name, ppl, tq, te in rows:
+    for name, ppl, tq, te, ort in rows:
         rel = f"{100 * (ppl / fp - 1):+.1f} %" if fp and name != "fp" else "—"
-        lines.append(f"| {name} | {ppl:.3f} | {rel} | {tq:.1f} | {te:.1f} |")
+        cells = "".join(f" {v:.3f} | {100 * (v / ppl - 1):+.2f} % |" for v in ort.values())
+        lines.append(f"| {name} | {ppl:.3f} | {rel} | {tq:.1f} | {te:.1f} |{cells}")
     lines += ["", f"command: `{cmd.strip()}`"]
     table = "\n".join(lines)
     print("\n" + table)
@@ -90,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(table + "\n")
     return 0
+
+
+def _ort_ppl(qgraph, example: tuple, tok, args: argparse.Namespace, level: int) -> float:
+    """Export ``qgraph`` (full-sequence forward) and score the file in ORT on the same windows."""
+    from qcompile.backends.onnx import SessionOptions, export_onnx, make_session, run_flat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(qgraph, example, path, accuracy_level=level)
+        session = make_session(path, SessionOptions(threads=torch.get_num_threads()))
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(run_flat(session, [ids])[0])
+
+        return perplexity(logits, tok, seq_len=args.seq_len, max_windows=args.windows).ppl
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ For each linear found by the ``analyze`` pass (``qgraph.info["structure"]``):
     optional ``clip_search``;
   - ``gptq``: :func:`qcompile.gptq.gptq_quantize` (GPTQ, Frantar et al. 2022, Alg. 1) with the
     Hessian ``XᵀX`` from calibration — the ``calibrate`` pass must run with ``hessian = true``.
-    ``clip_search`` is ignored (RTN only; the report says so). Linears are quantized one at a time;
+    With ``clip_search`` the group grids are RTN's clipped ones, fixed before GPTQ's loop (see
+    :mod:`qcompile.gptq`). Linears are quantized one at a time;
     once every linear reading an ``XᵀX`` is quantized, the pass drops it from the calibration
     statistics (new stats objects in ``ctx.state["calibration"]`` and ``act_stats``; the shared
     objects are never mutated), so the Hessians are freed as the pass goes.
@@ -57,7 +58,6 @@ from qcompile.structure import LinearSite, Structure
 
 NO_CALIBRATION = "run the calibrate pass first or choose act_mode=dynamic_per_token"
 NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize) or choose weight_method=rtn"
-CLIP_IGNORED = "clip_search is ignored by weight_method=gptq (it applies to rtn only)"
 
 
 @dataclass
@@ -118,8 +118,6 @@ class QuantizePass(Pass):
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         wspec, aspec = self.options.weight_spec(), self.options.act_spec()
         gptq = self.options.weight_method == "gptq"
-        if gptq:  # GPTQ has no clip search: the scheme must not claim one
-            wspec = replace(wspec, clip_search=False)
         calibration: dict[str, Any] | None = ctx.state.get("calibration")
         by_name = {n.name: n for n in qgraph.graph.nodes}
         rewriter = _Rewriter(qgraph)
@@ -145,8 +143,6 @@ class QuantizePass(Pass):
         qgraph.info[self.name] = {r.node: r.scheme for r in rows}
         report = _report(rows, excluded, scheme_string(wspec, aspec))
         report["weight_method"] = self.options.weight_method
-        if gptq and self.options.clip_search:
-            report["notes"] = [CLIP_IGNORED]
         return PassResult(qgraph, changed=bool(rows), report=report, summary=_summary(report, rows))
 
     def _check_calibration(self, site: LinearSite, stats: Any, calibrated: bool, aspec: ActQuantSpec) -> None:

@@ -1,5 +1,5 @@
-"""``smooth``: SmoothQuant (fixed α) and SmoothQuant+ (α searched per group) through the equivalence
-engine. Groups come from the structural analysis; folding is the engine's; the calibration
+"""``smooth``: SmoothQuant (fixed α), SmoothQuant+ (α searched per group) and QQQ's adaptive
+smoothing (a clipping threshold searched per group) through the equivalence engine. Groups come from the structural analysis; folding is the engine's; the calibration
 statistics of every smoothed input are rescaled in step (exactly: x → x/s), so later passes (the
 static activation quantizer, outlier reports) see the smoothed model.
 """
@@ -24,12 +24,16 @@ from qcompile.smoothing import (
     activation_absmax,
     find_groups,
     search_alpha,
+    search_threshold,
     smoothing_scales,
     weight_absmax,
 )
 from qcompile.structure import Structure
 
 DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, …, 1 (METHODS.md, SmoothQuant+)
+# QQQ thresholds as fractions of the group's largest channel range: linear steps near 1, then
+# geometric ones, because LLM outlier channels sit 100-2000x above the median channel.
+DEFAULT_THRESHOLD_GRID = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
 
 
 @register_pass
@@ -44,9 +48,13 @@ class SmoothPass(Pass):
 
     @dataclass
     class Options:
+        # "smoothquant": s_j = max|X_j|^α / max|W_j|^(1-α) (α fixed, or searched with `search`);
+        # "qqq": s_j = max(max|X_j| / t, 1) with t = ratio · max_j max|X_j| searched (needs `search`).
+        rule: Literal["smoothquant", "qqq"] = "smoothquant"
         alpha: float = 0.5  # SmoothQuant's migration strength (eq. 4)
-        search: bool = False  # SmoothQuant+: choose α per group on the quantized output error
+        search: bool = False  # SmoothQuant+ / QQQ: choose per group on the quantized output error
         alpha_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
+        threshold_grid: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLD_GRID))
         groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))  # qkv gate_up norm down vo
         # Quantizers the search optimises for; None = those of the recipe's `quantize` pass.
         weight_bits: int | None = None
@@ -62,6 +70,12 @@ class SmoothPass(Pass):
         unknown = sorted(set(opts.groups) - set(GROUP_KINDS))
         if unknown:
             raise PassError(self.name, f"unknown group kind(s) {unknown}; valid: {', '.join(GROUP_KINDS)}")
+        if opts.rule not in ("smoothquant", "qqq"):
+            raise PassError(self.name, f"unknown rule {opts.rule!r}; valid: smoothquant, qqq")
+        if opts.rule == "qqq" and not opts.search:
+            raise PassError(self.name, "rule = 'qqq' searches its threshold; set search = true with it")
+        if opts.rule == "qqq" and not all(0 < r < 1 for r in opts.threshold_grid):
+            raise PassError(self.name, f"threshold_grid ratios must lie in (0, 1), got {opts.threshold_grid}")
         if opts.objective_rotation != "none" and not opts.search:
             raise PassError(self.name, "objective_rotation scores the α search; set search = true with it")
         st: Structure = qgraph.info["structure"]
@@ -88,7 +102,7 @@ class SmoothPass(Pass):
         for node in qgraph.graph.nodes:
             if node.name in stats:
                 qmeta.set_(node, qmeta.ACT_STATS, stats[node.name])
-        report = _report(choices, skipped, refused, objective)
+        report = _report(choices, skipped, refused, objective, opts.rule)
         report["transformed_nodes"] = transformed
         return PassResult(
             qgraph, changed=any(c.alpha is not None for c in choices), report=report, summary=_summary(report)
@@ -126,6 +140,10 @@ class SmoothPass(Pass):
         if objective is None:
             alpha: float | None = self.options.alpha
             s = smoothing_scales(activation_absmax(stats, group), weight_absmax(qgraph, st, group), alpha)
+        elif self.options.rule == "qqq":
+            alpha, s, errors = search_threshold(
+                qgraph, st, group, stats, objective, self.options.threshold_grid
+            )
         else:
             alpha, s, errors = search_alpha(qgraph, st, group, stats, objective, self.options.alpha_grid)
         choice = GroupChoice(
@@ -147,9 +165,11 @@ class SmoothPass(Pass):
         return choice, absorbed.sources + absorbed.path
 
 
-def _mode(objective: SearchObjective | None) -> str:
+def _mode(objective: SearchObjective | None, rule: str = "smoothquant") -> str:
     if objective is None:
         return "fixed alpha (SmoothQuant)"
+    if rule == "qqq":
+        return "threshold search (QQQ adaptive smoothing)"
     return (
         "search after the R4 Hadamard (SmoothRot)"
         if objective.rotation != "none"
@@ -162,10 +182,13 @@ def _report(
     skipped: list,
     refused: list[dict[str, str]],
     objective: SearchObjective | None,
+    rule: str = "smoothquant",
 ) -> dict[str, Any]:
     smoothed = [c for c in choices if c.alpha is not None]
     return {
-        "mode": _mode(objective),
+        "mode": _mode(objective, rule),
+        # what a group's "alpha" holds: SmoothQuant's α, or QQQ's threshold as a fraction of max|X|
+        "parameter": "t / max|X|" if rule == "qqq" else "alpha",
         "objective": (
             {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()}
             | ({"rotation": objective.rotation} if objective.rotation != "none" else {})
@@ -189,13 +212,14 @@ def _summary(report: dict[str, Any]) -> str:
         f"{report['mode']}: {report['groups_smoothed']} groups smoothed, {report['groups_left_alone']} left alone, "
         f"{len(report['skipped'])} skipped, {len(report['refused'])} refused by the engine"
     ]
+    label = "t/max" if report.get("parameter") == "t / max|X|" else "α"
     for g in report["groups"][:8]:
-        alpha = "none" if g["alpha"] is None else f"{g['alpha']:.2f}"
+        alpha = "none" if g["alpha"] is None else f"{g['alpha']:.3g}"
         gain = ""
         if g["error_before"] and g["error_after"] is not None:
             gain = f"  err {g['error_before']:.3g} → {g['error_after']:.3g}"
         lines.append(
-            f"  {g['kind']:<7} layer {g['layer']!s:<4} α={alpha:<5} s∈[{g['s_min']:.3g}, {g['s_max']:.3g}]{gain}"
+            f"  {g['kind']:<7} layer {g['layer']!s:<4} {label}={alpha:<5} s∈[{g['s_min']:.3g}, {g['s_max']:.3g}]{gain}"
         )
     if len(report["groups"]) > 8:
         lines.append(f"  … {len(report['groups']) - 8} more groups")

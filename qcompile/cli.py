@@ -66,6 +66,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         prefill_only=args.prefill_only,
         calib_windows=int(n_cal),
         calib_len=int(len_cal),
+        fuse_attention=not args.no_fuse_attention,
     )
     report, quant_summary = run_export(cmd)
     print(quant_summary)
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the plain forward (all-position logits, no KV cache)",
     )
     ex.add_argument("--calib", default="32x512", help="calibration windows NxL (recipes that calibrate)")
+    ex.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep attention decomposed (default: one GroupQueryAttention per layer in decode-step files)",
+    )
     ex.set_defaults(func=_cmd_export_onnx)
     rc = sub.add_parser("recipes", help="list the shipped recipes")
     rc.set_defaults(func=_cmd_recipes)

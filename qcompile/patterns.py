@@ -79,6 +79,18 @@ def is_full_slice(node: fx.Node) -> bool:
     return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
 
 
+def is_row_slice(node: fx.Node) -> bool:
+    """A slice along a dim other than the last: it keeps some rows (tokens, batch entries) and every
+    channel of them untouched, e.g. ``hidden[:, -1:]`` before lm_head (``logits_to_keep=1``)."""
+    if not is_op(node, {aten.slice.Tensor}):
+        return False
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return isinstance(dim, int) and dim % val.dim() != val.dim() - 1
+
+
 def is_online_transform(node: object) -> bool:
     """An online orthogonal op a rotation inserted (``qcompile::hadamard``): it changes values but
     not the block structure, so role finding looks through it."""
@@ -99,8 +111,9 @@ def skip_online_transforms_back(node: fx.Node) -> fx.Node:
 
 
 def is_passthrough(node: fx.Node) -> bool:
-    """Ops that neither change values nor move the last (channel) dimension."""
-    return is_op(node, VIEW_OPS | CAST_OPS) or is_full_slice(node)
+    """Ops that neither change values nor move the last (channel) dimension (row slices keep a subset
+    of rows with every channel unchanged)."""
+    return is_op(node, VIEW_OPS | CAST_OPS) or is_full_slice(node) or is_row_slice(node)
 
 
 def skip_passthrough_back(node: fx.Node) -> fx.Node:

@@ -142,6 +142,15 @@ def weight_absmax(qgraph: QGraph, st: Structure, group: SmoothingGroup) -> torch
     return _group_max(torch.stack(cols).amax(dim=0), group)
 
 
+def qqq_scales(act_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """QQQ's adaptive smoothing: ``s_j = max(max|X_j| / t, 1)`` — only channels whose range exceeds
+    the threshold ``t`` are scaled, down to exactly ``t``; every other channel keeps ``s_j = 1``.
+    (QQQ writes ``max(max X_j / t, −min X_j / t, 1)``, which is the same with ``max|X_j|``.)"""
+    if not threshold > 0:
+        raise ValueError(f"qqq_scales: threshold must be > 0, got {threshold}")
+    return (act_absmax.double() / threshold).clamp(min=1.0)
+
+
 def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant eq. 4: ``s_j = max|X_j|^α / max|W_j|^(1−α)``, both clamped at 1e-5."""
     a = act_absmax.clamp(min=STAT_FLOOR)
@@ -226,3 +235,34 @@ def search_alpha(
         if err < best_err and math.isfinite(err):
             best_alpha, best_s, best_err = alpha, s, err
     return best_alpha, best_s, errors
+
+
+def search_threshold(
+    qgraph: QGraph,
+    st: Structure,
+    group: SmoothingGroup,
+    stats: dict[str, LinearInputStats],
+    objective: SearchObjective,
+    ratios: list[float],
+) -> tuple[float | None, torch.Tensor, dict[str, float]]:
+    """QQQ's search: thresholds ``t = r · max_j max|X_j|`` for ``r`` in ``ratios`` (``r ≥ 1`` is the
+    identity, which competes anyway), scored by the same objective as :func:`search_alpha`. Returns
+    the chosen ratio (None: leave the group alone), the scales and every candidate's error."""
+    act = activation_absmax(stats, group)
+    top = float(act.max())
+    ones = torch.ones_like(act)
+    best_ratio: float | None = None
+    best_s = ones
+    best_err = objective.error(qgraph, st, group, stats, ones)
+    errors = {"none": best_err}
+    if top <= 0:
+        return None, ones, errors
+    for ratio in ratios:
+        if ratio >= 1:
+            continue
+        s = qqq_scales(act, ratio * top)
+        err = objective.error(qgraph, st, group, stats, s)
+        errors[f"{ratio:g}"] = err
+        if err < best_err and math.isfinite(err):
+            best_ratio, best_s, best_err = ratio, s, err
+    return best_ratio, best_s, errors

@@ -149,3 +149,19 @@ def test_decode_step_attention_is_found_through_the_kv_cache_concat():
     st = analyze(capture_decoder(model))
     assert st.num_layers == model.config.num_hidden_layers
     assert sorted(_roles_by_layer(st)[0]) == sorted(LLAMA_ROLES)
+
+
+def test_decoder_step_final_norm_reaches_lm_head_through_the_last_token_slice():
+    """The decode step computes logits for the last position only (``hidden[:, -1:]`` before lm_head):
+    a row slice keeps every channel, so the final norm's consumer is still lm_head (fuse_norms and
+    R1 depend on it)."""
+    from qcompile.analysis import analyze
+    from qcompile.backends.onnx.decoder import capture_decoder
+    from qcompile.models import tiny_llama
+
+    qg = capture_decoder(tiny_llama())
+    st = analyze(qg)
+    lm_head = [name for name, site in st.linears.items() if site.role == "lm_head"]
+    assert len(lm_head) == 1
+    final = [n for n in st.norms.values() if lm_head[0] in n.consumers]
+    assert len(final) == 1 and final[0].layer is None

@@ -255,3 +255,45 @@ def test_int8_blocked_weights_and_head_export(tiny_model, tiny_decoder, tmp_path
     ref, _ = exp.qgraph(ids, tiny_decoder.info["decoder"].empty(2))
     dec = OrtDecoder(path)
     np.testing.assert_allclose(dec.step(ids, dec.empty_cache(2))[0], ref.numpy(), atol=1e-5, rtol=0)
+
+
+W4A16_ASYM_CLIP = {
+    "recipe": {"name": "w4a16-asym-clip", "description": "asymmetric int4 g16 RTN with clip search"},
+    "passes": [
+        {"name": "analyze"},
+        {"name": "calibrate"},
+        {
+            "name": "quantize",
+            "weight_bits": 4,
+            "weight_symmetric": False,
+            "group_size": 16,
+            "clip_search": True,
+            "act_mode": "none",
+        },
+    ],
+}
+
+
+def test_asymmetric_int4_weights_reach_matmulnbits_with_zero_points(tiny_model, tiny_decoder, tmp_path):
+    """Asymmetric W4A16 (the scheme of `w4a16-asym-clip`): every MatMulNBits gets its packed zero
+    points, and ORT at accuracy level 1 reproduces the reference through a prefill and a cached step."""
+    gen = torch.Generator().manual_seed(5)
+    calibration = [torch.randint(0, 256, (1, 24), generator=gen) for _ in range(3)]
+    path = tmp_path / "asym.onnx"
+    exp = export_decoder(
+        tiny_model, path, recipe=W4A16_ASYM_CLIP, qgraph=tiny_decoder, calibration=calibration,
+        options=ExportOptions(accuracy_level=1),
+    )
+    proto = onnx.load(str(path))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 14 and all(len(n.input) >= 4 and n.input[3] for n in nbits)
+    layout = tiny_decoder.info["decoder"]
+    ids = torch.randint(0, 256, (2, 9), generator=gen)
+    ref, ref_past = exp.qgraph(ids, layout.empty(2))
+    dec = OrtDecoder(path)
+    logits, past = dec.step(ids, dec.empty_cache(2))
+    np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=0)
+    nxt = torch.tensor([[3], [4]])
+    ref_step, _ = exp.qgraph(nxt, ref_past)
+    step, _ = dec.step(nxt, past)
+    np.testing.assert_allclose(step, ref_step.numpy(), atol=1e-4, rtol=0)

@@ -6,15 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from qcompile.passes.analyze import AnalyzePass
-from qcompile.passes.calibrate import CalibratePass
-from qcompile.passes.quantize import QuantizePass
 
 import qcompile
 from qcompile import meta as qmeta
 from qcompile import ops
 from qcompile.models import tiny_llama
 from qcompile.pass_base import PassContext, PassError, get_pass_class
+from qcompile.passes.analyze import AnalyzePass
+from qcompile.passes.calibrate import CalibratePass
+from qcompile.passes.quantize import QuantizePass
 
 W8A8: dict = {}
 W4A8 = {"weight_bits": 4, "group_size": 32}  # hidden 48 = 32 + a ragged 16
@@ -278,10 +278,10 @@ def test_gptq_releases_hessians_of_quantized_linears_only(tiny):
     assert rest.report["quantized"] == 3 * st.num_layers
 
 
-def test_gptq_ignores_clip_search_and_says_so(tiny):
+def test_gptq_with_clip_search_says_so_in_the_scheme(tiny):
     qg = tiny[0].copy()
     result = QuantizePass({**W4_GPTQ, "clip_search": True})(qg, _calibrated_ctx(tiny, qg))
-    assert result.report["scheme"] == "w4g32s-a16" and "clip_search is ignored" in result.summary
+    assert result.report["scheme"] == "w4g32s+clip-a16" and result.report["weight_method"] == "gptq"
 
 
 def test_gptq_options_are_validated():

@@ -123,6 +123,51 @@ def test_search_never_worse_than_leaving_a_group_alone():
         assert set(g["errors"]) == {"none"} | {f"{0.05 * i:g}" for i in range(21)}
 
 
+def test_qqq_scales_clip_only_channels_above_the_threshold():
+    from qcompile.smoothing import qqq_scales
+
+    act = torch.tensor([0.5, 2.0, 8.0, 100.0], dtype=torch.float64)
+    s = qqq_scales(act, 4.0)
+    assert s.tolist() == [1.0, 1.0, 2.0, 25.0]
+    # after smoothing no channel's range exceeds t, and channels under t are untouched
+    assert torch.all(act / s <= 4.0)
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        qqq_scales(act, 0.0)
+
+
+def test_qqq_rule_is_equivalent_and_never_worse_than_identity():
+    """QQQ's threshold search on tiny Llama: float outputs unchanged (equivalence check), every group's
+    W4A8 objective ≤ leaving it alone, the grid's ratios reported, and the planted-outlier input gets
+    scales > 1 only on channels above the chosen threshold."""
+    model = tiny_llama()
+    batches = [(torch.randint(0, 256, (1, 32)),) for _ in range(3)]
+    qm, report = _run_smooth(
+        model, batches, rule="qqq", search=True, weight_bits=4, group_size=32, act_bits=8,
+        act_mode="dynamic_per_token",
+    )
+    assert report["equivalence_check"]["passed"], report["equivalence_check"]
+    assert report["mode"].startswith("threshold search (QQQ")
+    assert report["parameter"] == "t / max|X|"
+    assert report["objective"] == {"weight": "w4g32s", "activation": "a8ts"}
+    from qcompile.passes.smooth import DEFAULT_THRESHOLD_GRID
+
+    for g in report["groups"]:
+        assert g["error_after"] <= g["error_before"]
+        assert set(g["errors"]) == {"none"} | {f"{r:g}" for r in DEFAULT_THRESHOLD_GRID}
+        if g["alpha"] is not None:
+            assert g["s_min"] == pytest.approx(1.0)  # QQQ never scales a channel up
+    assert report["groups_smoothed"] > 0
+
+
+def test_qqq_rule_needs_search():
+    from qcompile.pass_base import PassError
+
+    model = tiny_llama()
+    batches = [(torch.randint(0, 256, (1, 8)),)]
+    with pytest.raises(PassError, match="rule = 'qqq' searches its threshold"):
+        _run_smooth(model, batches, rule="qqq")
+
+
 def test_smooth_without_calibration_names_the_way_out():
     from qcompile.analysis import analyze
     from qcompile.pass_base import PassContext, PassError

@@ -33,6 +33,7 @@ class ExportCommand:
     prefill_only: bool = False
     calib_windows: int = 32
     calib_len: int = 512
+    fuse_attention: bool = True  # decode step: one GroupQueryAttention per layer (see .attention)
 
     def head(self) -> HeadQuantOptions | None:
         if self.lm_head_bits is None and self.embedding_bits is None:
@@ -64,7 +65,9 @@ def run_export(cmd: ExportCommand) -> tuple[ExportReport, str]:
     """Export as ``cmd`` says; returns the report and the quantization summary."""
     model, tok = load_causal_lm(cmd.model)
     calibration = _calibration(cmd, tok)
-    options = ExportOptions(accuracy_level=cmd.accuracy_level, int4_format=cmd.int4_format)
+    options = ExportOptions(
+        accuracy_level=cmd.accuracy_level, int4_format=cmd.int4_format, fuse_attention=cmd.fuse_attention
+    )
     Path(cmd.out).parent.mkdir(parents=True, exist_ok=True)
     if not cmd.prefill_only:
         exp = export_decoder(

@@ -83,3 +83,45 @@ GATHER_BLOCK_QUANTIZED_SCHEMA = OpSchema(
 
 MatMulNBits = Op(MS_OPSET, "MatMulNBits", MATMUL_NBITS_SCHEMA)
 GatherBlockQuantized = Op(MS_OPSET, "GatherBlockQuantized", GATHER_BLOCK_QUANTIZED_SCHEMA)
+
+# Inputs in ORT's order (positions matter: unused optional inputs are empty names). Of ORT 1.32's
+# attributes only those the exporter sets are declared.
+GROUP_QUERY_ATTENTION_SCHEMA = OpSchema(
+    "GroupQueryAttention",
+    MS_DOMAIN,
+    1,
+    "Causal grouped-query attention with a BNSH KV cache; present = past ++ new (ORT contrib op).",
+    inputs=[
+        _param("query", "T"),  # [B, S, H·D]
+        _param("key", "T", optional=True),  # [B, S, KV·D]
+        _param("value", "T", optional=True),
+        _param("past_key", "T_CACHE", optional=True),  # [B, KV, P, D]
+        _param("past_value", "T_CACHE", optional=True),
+        _param("seqlens_k", "M"),  # [B]: total length - 1
+        _param("total_sequence_length", "M"),  # scalar
+        _param("cos_cache", "T", optional=True),
+        _param("sin_cache", "T", optional=True),
+        _param("position_ids", "tensor(int64)", optional=True),
+        _param("attention_bias", "T", optional=True),
+        _param("head_sink", "T", optional=True),
+        _param("k_scale", "T_KV_SCALE", optional=True),
+        _param("v_scale", "T_KV_SCALE", optional=True),
+        _param("q_norm_weight", "T", optional=True),
+        _param("k_norm_weight", "T", optional=True),
+        _param("query_seqlens", "M", optional=True),  # [B]: valid new tokens per row
+    ],
+    outputs=[_param("output", "T"), _param("present_key", "T_CACHE"), _param("present_value", "T_CACHE")],
+    type_constraints=[
+        ("T", _FLOATS, "activations"),
+        ("T_CACHE", _FLOATS, "KV cache (unquantized)"),
+        ("T_KV_SCALE", ["tensor(float)"], "KV cache scales"),
+        ("M", ["tensor(int32)"], "lengths"),
+    ],
+    attributes=[
+        _int_attr("num_heads"),
+        _int_attr("kv_num_heads"),
+        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
+    ],
+)
+
+GroupQueryAttention = Op(MS_OPSET, "GroupQueryAttention", GROUP_QUERY_ATTENTION_SCHEMA)

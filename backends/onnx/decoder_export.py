@@ -1,6 +1,7 @@
 """``export_decoder``: a transformers causal LM → quantized decode-step ONNX with a KV cache.
 
-capture the decode step (:func:`capture_decoder`) → run a recipe on that QGraph → fold → export,
+capture the decode step (:func:`capture_decoder`) → run a recipe on that QGraph → fuse attention
+(:mod:`.attention`, on a copy; ``ExportOptions.fuse_attention``) → fold → export,
 with the input/output names ORT-GenAI-style tools expect: ``input_ids``,
 ``past_key_values.{i}.key/value`` → ``logits``, ``present.{i}.key/value``, and named dynamic dims
 ``batch``, ``sequence``, ``past_sequence``.
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qcompile.backends.onnx.attention import FuseAttentionReport, fuse_attention
 from qcompile.backends.onnx.decoder import capture_decoder, example_decoder_inputs
 from qcompile.backends.onnx.export import ExportOptions, ExportReport, export_onnx
 from qcompile.backends.onnx.head import HeadQuantOptions, format_head_report, quantize_head
@@ -24,11 +26,13 @@ from qcompile.ir import QGraph
 @dataclass
 class DecoderExport:
     """The written file's report and the (quantized, unfolded) decode-step QGraph it came from —
-    the reference the ONNX file is checked against."""
+    the reference the ONNX file is checked against (never attention-fused: the fusion is applied to
+    a copy, and ``attention`` reports it)."""
 
     report: ExportReport
     qgraph: QGraph
     quantize_summary: str = ""
+    attention: FuseAttentionReport | None = None
 
 
 def quantize_decoder(
@@ -74,5 +78,10 @@ def export_decoder(
         dim_names={(0, 0): "batch", (0, 1): "sequence", (1, 2): "past_sequence"},
         dynamic_shapes=layout.dynamic_shapes(),
     )
-    report = export_onnx(qg, example_decoder_inputs(layout), path, options=opts)
-    return DecoderExport(report, qg, summary)
+    exported, attention = qg, None
+    if opts.fuse_attention:  # after quantization: the recipe sees the graph it was written for
+        exported = qg.copy()
+        attention = fuse_attention(exported)
+        summary += "\n" + attention.summary()
+    report = export_onnx(exported, example_decoder_inputs(layout), path, options=opts)
+    return DecoderExport(report, qg, summary, attention)

@@ -58,6 +58,9 @@ class ExportOptions:
         dynamic_shapes: per flat input, ``{axis: torch.export.Dim}`` (shared Dims tie axes together,
             e.g. one batch and one past length for every cache tensor); default ``Dim.AUTO`` on
             every axis.
+        fuse_attention: decode-step exports (:func:`export_decoder`) replace each layer's attention
+            core (cache concat, repeat_kv, causal mask, sdpa) by one ``GroupQueryAttention``
+            (:mod:`qcompile.backends.onnx.attention`); ``export_onnx`` itself does not lower.
     """
 
     opset: int = 21
@@ -68,6 +71,7 @@ class ExportOptions:
     dim_names: dict[tuple[int, int], str] = field(default_factory=dict)
     dynamic_shapes: tuple | None = None
     int4_format: Literal["matmulnbits", "qdq"] = "matmulnbits"
+    fuse_attention: bool = True
 
 
 @dataclass

@@ -12,6 +12,7 @@ node's arguments (ONNX values for tensors, Python ints/bools for the rest) and e
 | ``qembedding`` int4 packed / int8 blocked | ``com.microsoft.GatherBlockQuantized`` on the table a tied lm_head's MatMulNBits reads |
 | ``qembedding`` plain int8 | ``Gather`` of rows and scales, then dequantize |
 | ``quantize`` / ``dequantize`` / ``choose_qparams_per_token`` | the reference's float arithmetic (Round is half-to-even in both), blocked ``DequantizeLinear`` for groups |
+| ``hadamard`` (online rotation, e.g. R4) | x as ``[…, K, 2^m]``: ``MatMul`` by ``H_{2^m}/√n`` then by ``H_Kᵀ`` (two small constants, O(n·(K + 2^m)) per row instead of n²); ``Pad`` / ``Reshape`` for padded and block-diagonal plans |
 
 MatMulNBits' ``accuracy_level``: 0 or 1 keep the activation in fp32 (exactly W4A16's semantics); 4
 quantizes the activation to int8 per block inside the kernel (ORT's fast CPU path, with a small error
@@ -29,6 +30,10 @@ from onnxscript import opset21 as op
 
 from qcompile import ops
 from qcompile.backends.onnx import contrib
+from qcompile.backends.onnx.attention import GQA_ATTENTION, gqa_attention_onnx
+from qcompile.hadamard import plan_from_op_args, sylvester_matrix
+from qcompile.hadamard_k import k_matrix
+from qcompile.hadamard_op import HADAMARD
 from qcompile.qlinear_ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
 
 FLOAT = TensorProto.FLOAT
@@ -213,6 +218,46 @@ def qembedding(
     return _dequantize_x(rows, scale, zp)
 
 
+# ---- online Hadamard ------------------------------------------------------------------------------
+
+
+def _const(t: torch.Tensor) -> Any:
+    import onnx_ir as ir
+
+    return op.Constant(value=ir.tensor(t.to(torch.float32).contiguous().numpy()))
+
+
+def _last_dims(x: Any, dims: list[int]) -> Any:
+    """``Reshape`` target: x's leading dims (all but the last) followed by ``dims``."""
+    return op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=dims), axis=0)
+
+
+def _kron(x: Any, block: int, k: int) -> Any:
+    """``x @ (H_K ⊗ H_p) / √block`` over the last dim: with x as ``[…, K, p]`` that is
+    ``H_Kᵀ · X · H_p`` (the same factorisation as :func:`qcompile.hadamard._kron_transform`)."""
+    p = block // k
+    y = op.Reshape(x, _last_dims(x, [k, p]))
+    y = op.MatMul(y, _const(sylvester_matrix(p).double() / block**0.5))
+    if k > 1:
+        y = op.MatMul(_const(k_matrix(k).double().T), y)
+    return op.Reshape(y, _last_dims(x, [block]))
+
+
+def hadamard(x: Any, n: int, block: int, k: int) -> Any:
+    """``qcompile::hadamard``: the plan rebuilt from the op's integers, applied as two small MatMuls
+    (never the dense n×n matrix: R4 on SmolLM2's 1536-wide down_proj input would be 9 MB a layer)."""
+    plan = plan_from_op_args(n, block, k)
+    if plan.is_identity:
+        return op.Identity(x)
+    if plan.kind == "padded":
+        pads = op.Constant(value_ints=[0, block - n])
+        return _kron(op.Pad(x, pads, None, op.Constant(value_ints=[-1])), block, k)
+    if plan.kind == "block_diagonal":
+        blocks = op.Reshape(x, _last_dims(x, [n // block, block]))
+        return op.Reshape(_kron(blocks, block, k), _last_dims(x, [n]))
+    return _kron(x, block, k)
+
+
 def translation_table(accuracy_level: int) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
     """Every qcompile op the exporter can meet, mapped to its translation."""
     return {
@@ -222,4 +267,6 @@ def translation_table(accuracy_level: int) -> dict[torch._ops.OpOverload, Callab
         QLINEAR_W: make_qlinear_w(accuracy_level),
         QLINEAR_WA: make_qlinear_wa(accuracy_level),
         QEMBEDDING: qembedding,
+        GQA_ATTENTION: gqa_attention_onnx,
+        HADAMARD: hadamard,
     }

@@ -1,0 +1,60 @@
+"""Every shipped recipe exports to an ONNX decode step that passes ``onnx.checker`` and runs in ONNX
+Runtime with the reference QGraph's logits (tiny Llama, accuracy level 1 so MatMulNBits keeps fp32
+activations, exactly the reference's W4A16 semantics)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qcompile.backends.onnx import ExportOptions, OrtDecoder, capture_decoder, export_decoder
+from qcompile.models import tiny_llama
+from qcompile.recipe import list_recipes, load_recipe
+
+
+def _tolerance(recipe: str) -> float:
+    """Relative L2 error of the logits allowed per activation width. Float activations: fp32
+    rounding only. Quantized activations: an ulp of difference upstream (ORT's fused kernels sum in
+    another order) can flip one rounding of a per-token quantizer, and 30 roundings compound; the
+    bounds are those of tests/test_onnx_export.py's per-scheme parity (measured W8A8 ~1e-3, W4A4 ~3e-2)."""
+    spec = {p.name: p for p in load_recipe(recipe).passes}.get("quantize")
+    if spec is None or spec.options.get("act_mode", "dynamic_per_token") == "none":
+        return 1e-4
+    return 6e-2 if spec.options.get("act_bits", 8) <= 4 else 2e-2
+
+
+@pytest.fixture(scope="module")
+def model_and_decoder():
+    model = tiny_llama()
+    return model, capture_decoder(model)
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_exports_checks_and_matches(model_and_decoder, tmp_path: Path, recipe: str):
+    model, decoder = model_and_decoder
+    layout = decoder.info["decoder"]
+    gen = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(4)]
+    path = tmp_path / f"{recipe}.onnx"
+    exp = export_decoder(
+        model, path, recipe=recipe, qgraph=decoder, calibration=calibration,
+        options=ExportOptions(accuracy_level=1),
+    )
+    onnx.checker.check_model(str(path))
+    assert not any(n.domain == "qcompile" for n in onnx.load(str(path)).graph.node)
+    ids = torch.randint(0, 256, (2, 9), generator=gen)
+    ref, ref_past = exp.qgraph(ids, layout.empty(2))
+    dec = OrtDecoder(path)
+    logits, past = dec.step(ids, dec.empty_cache(2))
+    nxt = torch.tensor([[3], [4]])
+    ref_step, _ = exp.qgraph(nxt, ref_past)
+    step, _ = dec.step(nxt, past)
+    tol = _tolerance(recipe)
+    for got, want in ((logits, ref), (step, ref_step)):
+        want = want.numpy()
+        rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert rel < tol, (recipe, rel)
