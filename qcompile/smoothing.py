@@ -10,6 +10,7 @@ channel as well; for v→o with GQA they are tied across each KV group before th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -211,6 +212,30 @@ class SearchObjective:
         return total
 
 
+def _grid_search(
+    qgraph: QGraph,
+    st: Structure,
+    group: SmoothingGroup,
+    stats: dict[str, LinearInputStats],
+    objective: SearchObjective,
+    candidates: Iterable[tuple[float, torch.Tensor]],
+) -> tuple[float | None, torch.Tensor, dict[str, float]]:
+    """Score ``(parameter, scales)`` candidates against leaving the group alone (s = 1), which always
+    competes: the chosen point never has a larger objective than the identity. Returns the chosen
+    parameter (None: leave the group alone), its scales, and every candidate's error by ``f"{p:g}"``."""
+    ones = torch.ones_like(activation_absmax(stats, group))
+    best_param: float | None = None
+    best_s = ones
+    best_err = objective.error(qgraph, st, group, stats, ones)
+    errors = {"none": best_err}
+    for param, s in candidates:
+        err = objective.error(qgraph, st, group, stats, s)
+        errors[f"{param:g}"] = err
+        if err < best_err and math.isfinite(err):
+            best_param, best_s, best_err = param, s, err
+    return best_param, best_s, errors
+
+
 def search_alpha(
     qgraph: QGraph,
     st: Structure,
@@ -219,22 +244,11 @@ def search_alpha(
     objective: SearchObjective,
     grid: list[float],
 ) -> tuple[float | None, torch.Tensor, dict[str, float]]:
-    """Grid search over α (SmoothQuant+). The identity (no smoothing) competes too, so the chosen
-    point never has a larger objective than leaving the group alone."""
+    """Grid search over α (SmoothQuant+); the identity (no smoothing) competes too."""
     act = activation_absmax(stats, group)
     wmax = weight_absmax(qgraph, st, group)
-    ones = torch.ones_like(act)
-    best_alpha: float | None = None
-    best_s = ones
-    best_err = objective.error(qgraph, st, group, stats, ones)
-    errors = {"none": best_err}
-    for alpha in grid:
-        s = smoothing_scales(act, wmax, alpha)
-        err = objective.error(qgraph, st, group, stats, s)
-        errors[f"{alpha:g}"] = err
-        if err < best_err and math.isfinite(err):
-            best_alpha, best_s, best_err = alpha, s, err
-    return best_alpha, best_s, errors
+    candidates = ((alpha, smoothing_scales(act, wmax, alpha)) for alpha in grid)
+    return _grid_search(qgraph, st, group, stats, objective, candidates)
 
 
 def search_threshold(
@@ -250,19 +264,6 @@ def search_threshold(
     the chosen ratio (None: leave the group alone), the scales and every candidate's error."""
     act = activation_absmax(stats, group)
     top = float(act.max())
-    ones = torch.ones_like(act)
-    best_ratio: float | None = None
-    best_s = ones
-    best_err = objective.error(qgraph, st, group, stats, ones)
-    errors = {"none": best_err}
-    if top <= 0:
-        return None, ones, errors
-    for ratio in ratios:
-        if ratio >= 1:
-            continue
-        s = qqq_scales(act, ratio * top)
-        err = objective.error(qgraph, st, group, stats, s)
-        errors[f"{ratio:g}"] = err
-        if err < best_err and math.isfinite(err):
-            best_ratio, best_s, best_err = ratio, s, err
-    return best_ratio, best_s, errors
+    usable = [r for r in ratios if r < 1] if top > 0 else []
+    candidates = ((r, qqq_scales(act, r * top)) for r in usable)
+    return _grid_search(qgraph, st, group, stats, objective, candidates)

@@ -29,3 +29,19 @@ def smollm2_qgraph(smollm2):
     model, tok = smollm2
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     return qcompile.capture(model, (ids,)), ids
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A fresh tiny random Llama (``qcompile.models.tiny_llama``) per test module."""
+    from qcompile.models import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tiny_model):
+    """The decode-step QGraph of ``tiny_model``, captured once per module."""
+    from qcompile.backends.onnx import capture_decoder
+
+    return capture_decoder(tiny_model)

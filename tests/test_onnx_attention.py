@@ -21,25 +21,13 @@ from qcompile.backends.onnx import (
     ExportOptions,
     OrtDecoder,
     SessionOptions,
-    capture_decoder,
     export_decoder,
     make_session,
 )
 from qcompile.backends.onnx.attention import GQA_ATTENTION, FuseAttentionPass, fuse_attention
-from qcompile.models import tiny_llama
 from qcompile.patterns import SDPA_OPS
 
 NUM_LAYERS = 2  # tiny Llama: 2 layers, 6 heads over 2 kv heads, head_dim 8
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def tiny_decoder(tiny_model):
-    return capture_decoder(tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from qcompile.backends.onnx import (
     ExportOptions,
     OrtDecoder,
     SessionOptions,
-    capture_decoder,
     export_decoder,
     export_onnx,
     make_session,
@@ -30,7 +29,6 @@ from qcompile.backends.onnx import (
 )
 from qcompile.backends.onnx.head import HeadQuantOptions
 from qcompile.backends.onnx.qdq_format import ACCURACY_LEVEL_CONFIG, matmulnbits_to_qdq
-from qcompile.models import tiny_llama
 
 W4A16_G32 = {
     "recipe": {"name": "w4a16-g32", "description": "tiny-model W4A16: 48 = 32 + a ragged 16"},
@@ -43,17 +41,6 @@ W4A16_G32 = {
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def tiny_decoder(tiny_model):
-    """The decode-step QGraph of tiny Llama, captured once."""
-    return capture_decoder(tiny_model)
 
 
 @pytest.fixture(scope="module")
