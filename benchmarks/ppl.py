@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, 64))
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
-        ort = {level: _ort_ppl(qm.qgraph, example, tok, args, level) for level in args.ort or []}
+        ort = _ort_ppls(qm.qgraph, example, tok, args) if args.ort else {}
         rows.append((name, res.ppl, t_quant, res.seconds, ort))
         extra = "".join(f", ORT acc {lv}: {v:.3f}" for lv, v in ort.items())
         print(
@@ -129,19 +129,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ort_ppl(qgraph, example: tuple, tok, args: argparse.Namespace, level: int) -> float:
-    """Export ``qgraph`` (full-sequence forward) and score the file in ORT on the same windows."""
+def _ort_ppls(qgraph, example: tuple, tok, args: argparse.Namespace) -> dict[int, float]:
+    """Export ``qgraph`` (full-sequence forward) once, then score it in ORT on the same windows at
+    each requested MatMulNBits accuracy level (the other levels are attribute edits of that file)."""
     from qcompile.backends.onnx import SessionOptions, export_onnx, make_session, run_flat
+    from qcompile.backends.onnx.export import set_accuracy_level
 
+    result: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(qgraph, example, path, accuracy_level=level)
-        session = make_session(path, SessionOptions(threads=torch.get_num_threads()))
+        exported = Path(tmp) / "model.onnx"
+        export_onnx(qgraph, example, exported, accuracy_level=args.ort[0])
+        for level in args.ort:
+            path = exported
+            if level != args.ort[0]:
+                path = Path(tmp) / f"model-acc{level}.onnx"
+                set_accuracy_level(exported, path, level)
+            session = make_session(path, SessionOptions(threads=torch.get_num_threads()))
 
-        def logits(ids: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(run_flat(session, [ids])[0])
+            def logits(ids: torch.Tensor, session=session) -> torch.Tensor:
+                return torch.from_numpy(run_flat(session, [ids])[0])
 
-        return perplexity(logits, tok, seq_len=args.seq_len, max_windows=args.windows).ppl
+            result[level] = perplexity(logits, tok, seq_len=args.seq_len, max_windows=args.windows).ppl
+    return result
 
 
 if __name__ == "__main__":

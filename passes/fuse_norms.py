@@ -31,7 +31,6 @@ from qcompile import patterns as P
 from qcompile.analysis import analyze
 from qcompile.equivalence import EquivalenceError, check_region, diagonal_scale, region_for_norm
 from qcompile.equivalence.constants import write_updates
-from qcompile.equivalence.online import insert_call
 from qcompile.equivalence.producers import ConstantUpdate, consumer_update
 from qcompile.equivalence.transforms import DiagonalScale
 from qcompile.ir import QGraph
@@ -235,22 +234,7 @@ def _make_weightless(qgraph: QGraph, norm: NormSite) -> None:
         other = next(a for a in out.args if isinstance(a, fx.Node) and a not in gamma_nodes)
         out.replace_all_uses_with(other)
         qgraph.graph.erase_node(out)
-    _drop_unused_constants(qgraph, [t for t in (norm.weight, norm.bias) if t is not None])
-
-
-def _drop_unused_constants(qgraph: QGraph, targets: list[str]) -> None:
-    graph = qgraph.graph
-    for node in [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in targets and not n.users]:
-        graph.erase_node(node)
-    for target in targets:
-        if any(n.op == "get_attr" and str(n.target) == target for n in graph.nodes):
-            continue
-        *path, leaf = target.split(".")
-        owner: Any = qgraph.graph_module
-        for part in path:
-            owner = getattr(owner, part)
-        owner._buffers.pop(leaf, None)
-        owner._parameters.pop(leaf, None)
+    qgraph.drop_unused_constants([t for t in (norm.weight, norm.bias) if t is not None])
 
 
 def _rescale_stats(
@@ -340,11 +324,11 @@ def _layer_norm_to_rms(qgraph: QGraph, ln: fx.Node) -> None:
     ``x · rsqrt(mean(x², -1) + ε)`` (the variance of a mean-free row is its mean square)."""
     x = ln.args[0]
     eps = float(ln.args[4]) if len(ln.args) > 4 and ln.args[4] is not None else 1e-5
-    sq = insert_call(qgraph, aten.pow.Tensor_Scalar, (x, 2), ln, ln)
-    mean = insert_call(qgraph, aten.mean.dim, (sq, [-1], True), ln, ln)
-    shifted = insert_call(qgraph, aten.add.Tensor, (mean, eps), ln, ln)
-    inv = insert_call(qgraph, aten.rsqrt.default, (shifted,), ln, ln)
-    out = insert_call(qgraph, aten.mul.Tensor, (x, inv), ln, ln)
+    sq = qgraph.insert_call(aten.pow.Tensor_Scalar, (x, 2), ln, ln)
+    mean = qgraph.insert_call(aten.mean.dim, (sq, [-1], True), ln, ln)
+    shifted = qgraph.insert_call(aten.add.Tensor, (mean, eps), ln, ln)
+    inv = qgraph.insert_call(aten.rsqrt.default, (shifted,), ln, ln)
+    out = qgraph.insert_call(aten.mul.Tensor, (x, inv), ln, ln)
     ln.replace_all_uses_with(out)
     qgraph.graph.erase_node(ln)
 

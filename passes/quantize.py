@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from qcompile import meta as qmeta
 from qcompile import ops
@@ -284,7 +283,6 @@ class _Rewriter:
 
     def __init__(self, qgraph: QGraph) -> None:
         self.qgraph = qgraph
-        self.fake_mode = _graph_fake_mode(qgraph)
         self.replaced: list[fx.Node] = []  # float weight get_attr nodes that lost a user
         self.act_cache: dict[tuple, fx.Node] = {}  # (input node, static range) -> dequantized input
 
@@ -329,59 +327,21 @@ class _Rewriter:
 
     def drop_unused_weights(self) -> None:
         """Erase float weight constants nothing reads any more (node and buffer)."""
-        graph = self.qgraph.graph
-        for w_node in dict.fromkeys(self.replaced):
-            if w_node.users:
-                continue
-            target = str(w_node.target)
-            graph.erase_node(w_node)
-            if any(n.op == "get_attr" and str(n.target) == target for n in graph.nodes):
-                continue
-            *path, leaf = target.split(".")
-            owner: Any = self.qgraph.graph_module
-            for part in path:
-                owner = getattr(owner, part)
-            owner._buffers.pop(leaf, None)
-            owner._parameters.pop(leaf, None)
+        self.qgraph.drop_unused_constants([str(w.target) for w in self.replaced])
 
     # ---- node construction with meta["val"] ----
 
     def _call(self, op: Any, args: tuple, before: fx.Node, like: fx.Node) -> fx.Node:
-        with self.qgraph.graph.inserting_before(before):
-            node = self.qgraph.graph.call_function(op, args)
-        with self.fake_mode:
-            node.meta["val"] = op(*(self._fake(a) for a in args))
-        module = qmeta.get(like).get(qmeta.MODULE)
-        if module:
-            qmeta.get(node)[qmeta.MODULE] = module
-        return node
+        try:
+            return self.qgraph.insert_call(op, args, before, like)
+        except ValueError as err:
+            raise PassError(QuantizePass.name, str(err), before.name) from err
 
     def _getitem(self, node: fx.Node, index: int, before: fx.Node) -> fx.Node:
         with self.qgraph.graph.inserting_before(before):
             item = self.qgraph.graph.call_function(operator.getitem, (node, index))
         item.meta["val"] = node.meta["val"][index]
         return item
-
-    def _fake(self, arg: Any) -> Any:
-        if not isinstance(arg, fx.Node):
-            return arg
-        if arg.op == "get_attr":  # constants carry meta tensors; give the op fake ones on their device
-            return self.fake_mode.from_tensor(self.qgraph.get_constant(arg), static_shapes=True)
-        val = arg.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise PassError(
-                QuantizePass.name, "input has no tensor meta['val']; re-run capture/analyze", arg.name
-            )
-        return val if isinstance(val, FakeTensor) else self.fake_mode.from_tensor(val, static_shapes=True)
-
-
-def _graph_fake_mode(qgraph: QGraph) -> FakeTensorMode:
-    """The graph's own FakeTensorMode (so symbolic batch/sequence dims stay symbolic), else a new one."""
-    for node in qgraph.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, FakeTensor):
-            return val.fake_mode
-    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def _first_placeholder(qgraph: QGraph) -> fx.Node:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from qcompile import meta as qmeta
 
@@ -136,6 +137,66 @@ class QGraph:
         with self.graph.inserting_before(anchor):
             node = self.graph.get_attr(name)
         node.meta["val"] = value.detach().to("meta")
+        return node
+
+    def drop_unused_constants(self, targets: list[str] | None = None) -> list[str]:
+        """Erase ``get_attr`` nodes nothing reads (only those of ``targets`` when given) and free the
+        buffer of every target no node reads any more. Returns the freed targets."""
+        graph = self.graph
+        dead = [
+            n
+            for n in graph.nodes
+            if n.op == "get_attr" and not n.users and (targets is None or str(n.target) in targets)
+        ]
+        for node in dead:
+            graph.erase_node(node)
+        still_read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+        freed = []
+        for target in dict.fromkeys(str(n.target) for n in dead):
+            if target in still_read:
+                continue
+            *path, leaf = target.split(".")
+            owner: Any = self.graph_module
+            for part in path:
+                owner = getattr(owner, part)
+            owner._buffers.pop(leaf, None)
+            owner._parameters.pop(leaf, None)
+            freed.append(target)
+        return freed
+
+    # ---- node construction with meta["val"] ---------------------------------------------------------
+
+    def fake_mode(self) -> FakeTensorMode:
+        """The graph's own FakeTensorMode (symbolic batch/sequence dims stay symbolic), else a new one."""
+        for node in self.graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, FakeTensor):
+                return val.fake_mode
+        return FakeTensorMode(allow_non_fake_inputs=True)
+
+    def _fake_arg(self, mode: FakeTensorMode, arg: Any) -> Any:
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self._fake_arg(mode, a) for a in arg)
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg.op == "get_attr":  # constants carry meta tensors; give the op fake ones on their device
+            return mode.from_tensor(self.get_constant(arg), static_shapes=True)
+        val = arg.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"node `{arg.name}` has no tensor meta['val']; re-capture the graph")
+        return val if isinstance(val, FakeTensor) else mode.from_tensor(val, static_shapes=True)
+
+    def insert_call(self, target: Any, args: tuple, before: fx.Node, like: fx.Node | None = None) -> fx.Node:
+        """A ``call_function`` node before ``before``, its ``meta["val"]`` from the op's fake
+        implementation; ``like`` lends its module path (display only) to the new node."""
+        mode = self.fake_mode()
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, args)
+        with mode:
+            node.meta["val"] = target(*self._fake_arg(mode, args))
+        module = qmeta.get(like).get(qmeta.MODULE) if like is not None else None
+        if module:
+            qmeta.get(node)[qmeta.MODULE] = module
         return node
 
     def is_constant(self, node: Any) -> bool:

@@ -67,7 +67,7 @@ def quantize_head(qgraph: QGraph, options: HeadQuantOptions) -> dict[str, Any]:
         report["lm_head"] = result.report["linears"]
     if options.embedding_bits:
         report["embedding"] = [_quantize_embedding(qgraph, st, e.node, options) for e in st.embeddings]
-    _drop_dead_float_weights(qgraph)
+    qgraph.drop_unused_constants()
     qgraph.recompile()
     return report
 
@@ -125,21 +125,6 @@ def _tied_head_dequantize(
         return None
     site = st.linears[st.lm_head]
     return deq if site.weight == str(table.target) else None
-
-
-def _drop_dead_float_weights(qgraph: QGraph) -> None:
-    graph = qgraph.graph
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            target = str(node.target)
-            graph.erase_node(node)
-            if not any(n.op == "get_attr" and str(n.target) == target for n in graph.nodes):
-                *path, leaf = target.split(".")
-                owner: Any = qgraph.graph_module
-                for part in path:
-                    owner = getattr(owner, part)
-                owner._buffers.pop(leaf, None)
-                owner._parameters.pop(leaf, None)
 
 
 def format_head_report(report: dict[str, Any]) -> str:

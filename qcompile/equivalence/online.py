@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from qcompile import meta as qmeta
 from qcompile import patterns as P
 from qcompile.equivalence.constants import ConstantChange, write_updates
 from qcompile.equivalence.errors import EquivalenceError
@@ -93,46 +91,6 @@ class OnlineReport:
 # ---- graph surgery with meta["val"] ------------------------------------------------------------------
 
 
-def graph_fake_mode(qgraph: QGraph) -> FakeTensorMode:
-    """The graph's own FakeTensorMode (symbolic dims stay symbolic), else a fresh one."""
-    for node in qgraph.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, FakeTensor):
-            return val.fake_mode
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def _fake(qgraph: QGraph, mode: FakeTensorMode, arg: Any) -> Any:
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_fake(qgraph, mode, a) for a in arg)
-    if not isinstance(arg, fx.Node):
-        return arg
-    if arg.op == "get_attr":
-        return mode.from_tensor(qgraph.get_constant(arg), static_shapes=True)
-    val = arg.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        raise TypeError(f"node `{arg.name}` has no tensor meta['val']; re-capture the graph")
-    return val if isinstance(val, FakeTensor) else mode.from_tensor(val, static_shapes=True)
-
-
-def insert_call(
-    qgraph: QGraph, target: Any, args: tuple, before: fx.Node, like: fx.Node | None = None
-) -> fx.Node:
-    """A ``call_function`` node before ``before``, its ``meta["val"]`` from the op's fake implementation.
-
-    ``like`` lends its module path (display only) to the new node.
-    """
-    mode = graph_fake_mode(qgraph)
-    with qgraph.graph.inserting_before(before):
-        node = qgraph.graph.call_function(target, args)
-    with mode:
-        node.meta["val"] = target(*_fake(qgraph, mode, args))
-    module = qmeta.get(like).get(qmeta.MODULE) if like is not None else None
-    if module:
-        qmeta.get(node)[qmeta.MODULE] = module
-    return node
-
-
 def _insert_op(
     qgraph: QGraph, x: fx.Node, op: OnlineOp, before: fx.Node, hint: str
 ) -> tuple[fx.Node, list[str]]:
@@ -145,21 +103,21 @@ def _insert_op(
     src = x
     if op.across is not None:
         groups, inner = op.across
-        src = insert_call(qgraph, aten.unflatten.int, (x, -1, [groups, inner]), before, before)
+        src = qgraph.insert_call(aten.unflatten.int, (x, -1, [groups, inner]), before, before)
         made.append(src)
-        src = insert_call(qgraph, aten.transpose.int, (src, -1, -2), before, before)
+        src = qgraph.insert_call(aten.transpose.int, (src, -1, -2), before, before)
         made.append(src)
-    out = insert_call(qgraph, op.target, (src, *args), before, before)
+    out = qgraph.insert_call(op.target, (src, *args), before, before)
     made.append(out)
     if op.across is not None:
-        out = insert_call(qgraph, aten.transpose.int, (out, -1, -2), before, before)
+        out = qgraph.insert_call(aten.transpose.int, (out, -1, -2), before, before)
         made.append(out)
-        out = insert_call(qgraph, aten.flatten.using_ints, (out, -2, -1), before, before)
+        out = qgraph.insert_call(aten.flatten.using_ints, (out, -2, -1), before, before)
         made.append(out)
     if not _contiguous(x):
         # Views captured downstream (e.g. sdpa output → transpose → view) rely on the traced strides;
         # an op returning a contiguous tensor would break them. Give the result x's layout.
-        out = insert_call(qgraph, aten.copy.default, (x, out), before, before)
+        out = qgraph.insert_call(aten.copy.default, (x, out), before, before)
         made.append(out)
     return out, [n.name for n in made]
 
