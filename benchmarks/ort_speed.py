@@ -3,10 +3,12 @@
     python benchmarks/ort_speed.py                              # the default rows, 2 threads
     python benchmarks/ort_speed.py --rows fp w4a16 --threads 2 --ppl-windows 0
 
-Every file is the decode step with its KV cache (``qcompile export-onnx``): prefill = one call on a
-512-token prompt with an empty cache (batch 1); decode = one token per call at a 512-token context
-(the cache is random: speed does not depend on its values), batch 1 and 8, tokens/s = batch ×
-steps / seconds. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``,
+Every file is the decode step with its KV cache (``qcompile export-onnx``), with the exporter's
+ORT rewrites (``backends/onnx/optimize.py``; the ``*-plain`` rows without them): prefill = one call
+on a 512-token prompt with an empty cache (batch 1); decode = one token per call at a 512-token
+context (the cache is random: speed does not depend on its values), batch 1 and 8, tokens/s =
+batch × steps / seconds. Files with a shared KV buffer run in place on a fixed-size cache
+(``OrtDecoder.step_inplace``, what ``generate`` does); plain files run the functional step. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``,
 the files timed interleaved (each repeat runs every file once) so that load changes on a shared
 machine hit every row alike.
 
@@ -60,6 +62,7 @@ class Row:
     recipe: str | None  # None: the peer (ORT's quantizer on the FP32 file)
     head: HeadQuantOptions | None = None
     accuracy_level: int = 4
+    rewrites: bool = True  # ExportOptions' ORT rewrites (packed projections, fusable RMSNorm, shared KV)
 
 
 ROWS = {
@@ -84,6 +87,13 @@ ROWS = {
         HeadQuantOptions(8, 8, 64),
     ),
     "peer": Row("peer: ORT MatMulNBitsQuantizer b128 asym, acc 4", None),
+    "fp-plain": Row("fp32, no ORT rewrites", "fp", rewrites=False),
+    "w4a16-sqg-head8-plain": Row(
+        "w4a16-smoothquant+-gptq g128 + lm_head/emb int8 g64 (tied), acc 4, no ORT rewrites",
+        "w4a16-smoothquant+-gptq",
+        HeadQuantOptions(8, 8, 64),
+        rewrites=False,
+    ),
 }
 DEFAULT_ROWS = ["fp", "w8a8", "w4a16", "w4a16-acc1", "w4a16-head", "w4a16-head8", "peer"]
 CALIBRATION = (32, 512)  # windows x tokens of wiki.valid.tokens for recipes that calibrate (seed 0)
@@ -119,32 +129,48 @@ def _with_head_group(row: Row, group: int) -> Row:
         return row
     bits = row.head.lm_head_bits
     name = f"{row.recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc {row.accuracy_level}"
+    if not row.rewrites:
+        name += ", no ORT rewrites"
     return replace(row, name=name, head=replace(row.head, group_size=group))
 
 
 class _Timer:
-    """One file's timed workloads: prefill (batch 1, 512 tokens) and a decode burst at batch 1 and 8."""
+    """One file's timed workloads: prefill (batch 1, 512 tokens) and a decode burst at batch 1 and 8.
+
+    Files with a shared KV buffer (``past_sequence_length`` input) run as :meth:`OrtDecoder.generate`
+    runs them: in place on a :class:`KVCache` (rewound to the 512-token context before each step);
+    other files run the functional step (present = past ++ new, a fresh cache every call)."""
 
     def __init__(self, path: Path, threads: int, steps: int, vocab: int, ctx: int = 512) -> None:
         self.dec = OrtDecoder(path, SessionOptions(threads=threads))
         gen = np.random.default_rng(0)
         self.prompt = gen.integers(0, vocab, (1, ctx), dtype=np.int64)
-        self.steps = steps
-        self.past = {}
+        self.steps, self.ctx = steps, ctx
+        self.past, self.cache = {}, {}
         for batch in (1, 8):
             shape = (batch, self.dec.num_kv_heads, ctx, self.dec.head_dim)
             self.past[batch] = [
                 gen.standard_normal(shape, dtype=np.float32) for _ in range(2 * self.dec.num_layers)
             ]
+            if self.dec.shared_buffer:
+                self.cache[batch] = self.dec.new_cache(batch, ctx + 1)
+                self.cache[batch].fill(self.past[batch])
         self.times: dict[str, list[float]] = {"prefill": [], "b1": [], "b8": []}
 
     def _prefill(self) -> None:
-        self.dec.step(self.prompt, self.dec.empty_cache(1))
+        if self.dec.shared_buffer:
+            self.dec.step_inplace(self.prompt, self.dec.new_cache(1, self.ctx + 1))
+        else:
+            self.dec.step(self.prompt, self.dec.empty_cache(1))
 
     def _decode(self, batch: int) -> None:
         token = np.zeros((batch, 1), dtype=np.int64)
-        for _ in range(self.steps):
-            self.dec.step(token, self.past[batch])  # the same 512-token context every step
+        for _ in range(self.steps):  # the same 512-token context every step
+            if self.dec.shared_buffer:
+                self.cache[batch].length = self.ctx
+                self.dec.step_inplace(token, self.cache[batch])
+            else:
+                self.dec.step(token, self.past[batch])
 
     def run_once(self, record: bool = True) -> None:
         for key, fn in (
@@ -248,9 +274,10 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
     files: dict[Row, Path] = {}
     for row in rows:
         recipe = row.recipe if row.recipe is not None else "fp"
-        key = (recipe, row.head)
+        key = (recipe, row.head, row.rewrites)
         if key not in exports:
-            path = work / f"{recipe}{f'-head{row.head.lm_head_bits}' if row.head else ''}.onnx"
+            stem = f"{recipe}{f'-head{row.head.lm_head_bits}' if row.head else ''}{'' if row.rewrites else '-plain'}"
+            path = work / f"{stem}.onnx"
             if not (reuse and path.exists()):
                 t0 = time.perf_counter()
                 exp = export_decoder(
@@ -259,10 +286,15 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
                     recipe=recipe,
                     qgraph=decoder,
                     head=row.head,
-                    options=ExportOptions(),
+                    options=ExportOptions(
+                        pack_projections=row.rewrites,
+                        rms_norm_div=row.rewrites,
+                        share_kv_buffer=row.rewrites,
+                        fuse_rotary=row.rewrites,
+                    ),
                     calibration=_calibration(recipe, tok),
                 )
-                _references[key] = exp.qgraph  # quantized (and head-quantized), unfused: the reference
+                _references[key[:2]] = exp.qgraph  # quantized (and head-quantized), unfused: the reference
                 print(
                     f"exported {path.name} in {time.perf_counter() - t0:.0f} s\n{exp.report.summary()}",
                     flush=True,

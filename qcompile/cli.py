@@ -67,6 +67,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         calib_windows=int(n_cal),
         calib_len=int(len_cal),
         fuse_attention=not args.no_fuse_attention,
+        ort_rewrites=not args.no_ort_rewrites,
     )
     report, quant_summary = run_export(cmd)
     print(quant_summary)
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fuse-attention",
         action="store_true",
         help="keep attention decomposed (default: one GroupQueryAttention per layer in decode-step files)",
+    )
+    ex.add_argument(
+        "--no-ort-rewrites",
+        action="store_true",
+        help="skip the ORT rewrites (packed q/k/v and gate/up kernels, fusable RMSNorm, shared KV "
+        "buffer with a past_sequence_length input); the file is then the plain export",
     )
     ex.set_defaults(func=_cmd_export_onnx)
     rc = sub.add_parser("recipes", help="list the shipped recipes")

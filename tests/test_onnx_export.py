@@ -92,7 +92,9 @@ def test_w4a16_file_layout_and_report(w4a16_export):
     exp, path = w4a16_export
     report = exp.report
     assert report.kernels() == {"MatMulNBits": 15, "GatherBlockQuantized": 1}
-    assert report.op_counts["MatMulNBits"] == 15 and report.op_counts["GatherBlockQuantized"] == 1
+    # the file packs q/k/v and gate/up of each layer into one kernel (optimize.pack_projections):
+    # 2 layers × (7 → 4) + lm_head
+    assert report.op_counts["MatMulNBits"] == 9 and report.op_counts["GatherBlockQuantized"] == 1
     model = onnx.load(str(path))
     names = [i.name for i in model.graph.input]
     assert names[:3] == ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
@@ -104,7 +106,8 @@ def test_w4a16_file_layout_and_report(w4a16_export):
     assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 1
     inits = {i.name: i for i in model.graph.initializer}
     packed = inits[nbits[0].input[1]]
-    assert packed.data_type == onnx.TensorProto.UINT8 and list(packed.dims) == [48, 2, 16]  # 48 = 32 + 16
+    # q/k/v packed: N = 48 + 16 + 16 rows; K = 48 in 2 blocks (48 = 32 + 16), 16 bytes a block
+    assert packed.data_type == onnx.TensorProto.UINT8 and list(packed.dims) == [80, 2, 16]
     # the tied lm_head (MatMulNBits) and the embedding (GatherBlockQuantized) read one packed
     # initializer: the 256 × 48 int4 table is stored once
     gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
@@ -120,7 +123,7 @@ def test_ort_optimized_graph_keeps_matmulnbits(w4a16_export, tmp_path):
     optimized = tmp_path / "optimized.onnx"
     make_session(path, SessionOptions(optimized_model_path=str(optimized)))
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-    assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("MatMulNBits") == 9 and ops.count("GatherBlockQuantized") == 1
     assert ops.count("MatMul") <= 4  # only the attention products (2 per layer) stay float
 
 
@@ -129,17 +132,17 @@ def test_qdq_int4_format_is_fused_back_by_ort(w4a16_export, tmp_path):
     optimized graph has the MatMulNBits again, and the numbers are those of the MatMulNBits file."""
     _, path = w4a16_export
     qdq = tmp_path / "qdq.onnx"
-    assert matmulnbits_to_qdq(path, qdq) == 15
+    assert matmulnbits_to_qdq(path, qdq) == 9  # packed q/k/v and gate/up: 2 × 4 + lm_head
     model = onnx.load(str(qdq))
     onnx.checker.check_model(model)
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     inits = {i.name: i for i in model.graph.initializer}
-    assert len(dq) == 15 and inits[dq[0].input[0]].data_type == onnx.TensorProto.INT4
+    assert len(dq) == 9 and inits[dq[0].input[0]].data_type == onnx.TensorProto.INT4
     assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
     optimized = tmp_path / "qdq_opt.onnx"
     exact = {ACCURACY_LEVEL_CONFIG: "1"}
     make_session(qdq, SessionOptions(optimized_model_path=str(optimized), extra=exact))
-    assert [n.op_type for n in onnx.load(str(optimized)).graph.node].count("MatMulNBits") == 15
+    assert [n.op_type for n in onnx.load(str(optimized)).graph.node].count("MatMulNBits") == 9
     ids = np.arange(14).reshape(2, 7) * 17 % 256
     a, b = OrtDecoder(path), OrtDecoder(qdq, SessionOptions(extra=exact))
     np.testing.assert_allclose(a.step(ids, a.empty_cache(2))[0], b.step(ids, b.empty_cache(2))[0], atol=1e-5)
@@ -273,7 +276,7 @@ def test_asymmetric_int4_weights_reach_matmulnbits_with_zero_points(tiny_model, 
     )
     proto = onnx.load(str(path))
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 14 and all(len(n.input) >= 4 and n.input[3] for n in nbits)
+    assert len(nbits) == 8 and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # 2 layers × 4 packed
     layout = tiny_decoder.info["decoder"]
     ids = torch.randint(0, 256, (2, 9), generator=gen)
     ref, ref_past = exp.qgraph(ids, layout.empty(2))

@@ -7,7 +7,10 @@
 - :class:`HeadQuantOptions` / :func:`quantize_head` — also quantize lm_head and the embedding;
 - :func:`matmulnbits_to_qdq`, :func:`set_accuracy_level` — rewrite a written file (standard
   DequantizeLinear(INT4) form; MatMulNBits' accuracy level);
-- :func:`make_session` — ORT sessions (CPU EP; CUDA EP when installed).
+- :func:`rewrite_for_ort` — the post-export rewrites (:mod:`.optimize`: packed projections, fused
+  norms, RoPE inside attention, a shared in-place KV buffer), applied by the exporters by default;
+- :func:`make_session` — ORT sessions (CPU EP; CUDA EP when installed); :class:`KVCache` — the
+  in-place cache :meth:`OrtDecoder.step_inplace` and ``generate`` run on.
 """
 
 from qcompile.backends.onnx.decoder import CacheLayout, DecoderStep, capture_decoder
@@ -21,8 +24,9 @@ from qcompile.backends.onnx.export import (
     set_accuracy_level,
 )
 from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
+from qcompile.backends.onnx.optimize import OptimizeReport, rewrite_for_ort
 from qcompile.backends.onnx.qdq_format import matmulnbits_to_qdq
-from qcompile.backends.onnx.runtime import OrtDecoder, SessionOptions, make_session, run_flat
+from qcompile.backends.onnx.runtime import KVCache, OrtDecoder, SessionOptions, make_session, run_flat
 
 __all__ = [
     "CacheLayout",
@@ -31,8 +35,10 @@ __all__ = [
     "ExportOptions",
     "ExportReport",
     "HeadQuantOptions",
+    "KVCache",
     "LinearExport",
     "OnnxExportError",
+    "OptimizeReport",
     "OrtDecoder",
     "SessionOptions",
     "capture_decoder",
@@ -42,6 +48,7 @@ __all__ = [
     "matmulnbits_to_qdq",
     "quantize_decoder",
     "quantize_head",
+    "rewrite_for_ort",
     "run_flat",
     "set_accuracy_level",
 ]

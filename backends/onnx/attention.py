@@ -46,8 +46,11 @@ batch-1 cos/sin cache that ORT 1.32 rejects for batch > 1 ("Inputs 'cos_cache' a
 expected to have the same shape as input 'x'"), whichever attention op is used. The project exports
 at opset 21, where only GroupQueryAttention exists. (Measured on SmolLM2 W4A16, one thread, batch 1,
 512 context: GQA at opset 21 16.2 ms/step, GQA at opset 23 15.4, Attention-23 at opset 23 13.8 — most
-of the opset-23 gain is its RMSNorm/RoPE fusions, which break batch > 1.) Moving to ``Attention``
-is the way once opset 23 exports run with batch > 1.
+of the opset-23 gain is its RMSNorm/RoPE fusions, which break batch > 1.) Those fusions are now done
+at opset 21 by :mod:`.optimize` after export — RoPE inside GroupQueryAttention (``do_rotary``), RMSNorm
+in the form ORT fuses, the length inputs computed once from ``input_ids`` and shared by every layer,
+and a past length input so past and present can be one in-place buffer (the cache copy that
+``Attention`` would also pay) — which is why GroupQueryAttention stays.
 
 Limits: head counts and head_dim must be static; every layer's cache has the same length (the decode
 step's contract; the file ties them to one ``past_sequence`` dim); no padding mask.

@@ -34,6 +34,7 @@ class ExportCommand:
     calib_windows: int = 32
     calib_len: int = 512
     fuse_attention: bool = True  # decode step: one GroupQueryAttention per layer (see .attention)
+    ort_rewrites: bool = True  # packed projections, fusable RMSNorm, shared KV buffer (see .optimize)
 
     def head(self) -> HeadQuantOptions | None:
         if self.lm_head_bits is None and self.embedding_bits is None:
@@ -66,7 +67,13 @@ def run_export(cmd: ExportCommand) -> tuple[ExportReport, str]:
     model, tok = load_causal_lm(cmd.model)
     calibration = _calibration(cmd, tok)
     options = ExportOptions(
-        accuracy_level=cmd.accuracy_level, int4_format=cmd.int4_format, fuse_attention=cmd.fuse_attention
+        accuracy_level=cmd.accuracy_level,
+        int4_format=cmd.int4_format,
+        fuse_attention=cmd.fuse_attention,
+        pack_projections=cmd.ort_rewrites,
+        rms_norm_div=cmd.ort_rewrites,
+        share_kv_buffer=cmd.ort_rewrites,
+        fuse_rotary=cmd.ort_rewrites,
     )
     Path(cmd.out).parent.mkdir(parents=True, exist_ok=True)
     if not cmd.prefill_only:

@@ -4,7 +4,9 @@ capture the decode step (:func:`capture_decoder`) → run a recipe on that QGrap
 (:mod:`.attention`, on a copy; ``ExportOptions.fuse_attention``) → fold → export,
 with the input/output names ORT-GenAI-style tools expect: ``input_ids``,
 ``past_key_values.{i}.key/value`` → ``logits``, ``present.{i}.key/value``, and named dynamic dims
-``batch``, ``sequence``, ``past_sequence``.
+``batch``, ``sequence``, ``past_sequence``. With fused attention the file also takes
+``past_sequence_length`` (int64 ``[1]``): the cache may then be one fixed-size buffer that is both
+past and present (``ExportOptions.share_kv_buffer``; :class:`.runtime.KVCache`).
 """
 
 from __future__ import annotations
@@ -84,4 +86,12 @@ def export_decoder(
         attention = fuse_attention(exported)
         summary += "\n" + attention.summary()
     report = export_onnx(exported, example_decoder_inputs(layout), path, options=opts)
+    if opts.fuse_attention and (opts.share_kv_buffer or opts.fuse_rotary):
+        from qcompile.backends.onnx.optimize import rewrite_for_ort
+
+        positions = getattr(model.config, "max_position_embeddings", None) if opts.fuse_rotary else None
+        more = rewrite_for_ort(path, share_kv=opts.share_kv_buffer, rotary_positions=positions)
+        head = report.rewrites + "; " if report.rewrites else "ORT rewrites: "
+        report.rewrites = head + more.summary().removeprefix("ORT rewrites: ")
+        report.refresh()
     return DecoderExport(report, qg, summary, attention)

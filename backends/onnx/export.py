@@ -61,6 +61,17 @@ class ExportOptions:
         fuse_attention: decode-step exports (:func:`export_decoder`) replace each layer's attention
             core (cache concat, repeat_kv, causal mask, sdpa) by one ``GroupQueryAttention``
             (:mod:`qcompile.backends.onnx.attention`); ``export_onnx`` itself does not lower.
+        pack_projections: merge linears that read one activation (q/k/v, gate/up) into one kernel
+            call and a ``Split`` (:mod:`qcompile.backends.onnx.optimize`; exact).
+        rms_norm_div: write RMSNorm's ``rsqrt`` as ``x / Sqrt(v)`` so ORT fuses it into one
+            ``SimplifiedLayerNormalization`` kernel, and each residual Add + RMSNorm as one
+            ``SkipSimplifiedLayerNormalization`` (rounding-level change).
+        share_kv_buffer: decode steps with fused attention take the past length as an input
+            (``past_sequence_length``) so a runtime can pass one fixed-size buffer as both past and
+            present and ``GroupQueryAttention`` appends in place (:class:`.runtime.KVCache`).
+        fuse_rotary: decode steps with fused attention move RoPE into ``GroupQueryAttention``
+            (``do_rotary``, a cos/sin cache of ``max_position_embeddings`` rows from the graph's own
+            ``inv_freq``, in float64) when the graph's RoPE matches transformers' ``rotate_half``.
     """
 
     opset: int = 21
@@ -72,6 +83,10 @@ class ExportOptions:
     dynamic_shapes: tuple | None = None
     int4_format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     fuse_attention: bool = True
+    pack_projections: bool = True
+    rms_norm_div: bool = True
+    share_kv_buffer: bool = True
+    fuse_rotary: bool = True
 
 
 @dataclass
@@ -99,6 +114,7 @@ class ExportReport:
     outputs: list[tuple[str, list[Any], str]]
     fold_summary: str = ""
     int4_format: str = "matmulnbits"
+    rewrites: str = ""
 
     def kernels(self) -> dict[str, int]:
         return dict(collections.Counter(lin.kernel for lin in self.linears))
@@ -129,7 +145,27 @@ class ExportReport:
         lines.append(f"  float MatMul/Gemm left: {self.float_matmuls}")
         if self.fold_summary:
             lines.append(f"  fold_qdq: {self.fold_summary}")
+        if self.rewrites:
+            lines.append(f"  {self.rewrites}")
         return "\n".join(lines)
+
+    def refresh(self) -> None:
+        """Re-read size, op counts and inputs from the file (after a rewrite of it)."""
+        import onnx
+
+        model = onnx.load(self.path, load_external_data=False)
+        self.file_bytes = Path(self.path).stat().st_size
+        self.op_counts = dict(collections.Counter(node.op_type for node in model.graph.node))
+        self.float_matmuls = self.op_counts.get("MatMul", 0) + self.op_counts.get("Gemm", 0)
+
+        def dims(v: Any) -> list[str]:
+            return [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+
+        def dtype(v: Any) -> str:
+            return onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name.upper()
+
+        self.inputs = [(v.name, dims(v), dtype(v)) for v in model.graph.input]
+        self.outputs = [(v.name, dims(v), dtype(v)) for v in model.graph.output]
 
 
 def _list_values(values: list[tuple[str, list[Any], str]], show: int = 3) -> str:
@@ -175,6 +211,14 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=False)
     report = _report(program.model, graph, path, opts, fold_summary)
+    if opts.pack_projections or opts.rms_norm_div:
+        from qcompile.backends.onnx.optimize import rewrite_for_ort
+
+        rewrites = rewrite_for_ort(
+            path, share_kv=False, pack=opts.pack_projections, rms_div=opts.rms_norm_div
+        )
+        report.rewrites = rewrites.summary()
+        report.refresh()
     if opts.int4_format == "qdq":
         from qcompile.backends.onnx.qdq_format import matmulnbits_to_qdq
 

@@ -83,37 +83,130 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+class KVCache:
+    """A fixed-size KV cache for a shared-buffer decode step (:func:`.optimize.share_kv_buffer`): per
+    layer a key and a value buffer ``[batch, kv_heads, max_len, head_dim]`` held as OrtValues, bound
+    as both ``past_key_values.i.*`` and ``present.i.*`` so ``GroupQueryAttention`` appends in place.
+    ``length`` is the number of valid positions; :meth:`OrtDecoder.step_inplace` advances it."""
+
+    def __init__(self, decoder: OrtDecoder, batch: int, max_len: int) -> None:
+        shape = (batch, decoder.num_kv_heads, max_len, decoder.head_dim)
+        device = "cuda" if decoder.device == "cuda" else "cpu"
+        self.values = [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.dtype, device, 0)
+            for _ in range(2 * decoder.num_layers)
+        ]
+        if device == "cpu":  # zero the buffers: rows past ``length`` are never read, but keep them clean
+            for value in self.values:
+                value.update_inplace(np.zeros(shape, dtype=decoder.dtype))
+        self.batch, self.max_len, self.length = batch, max_len, 0
+
+    def fill(self, past: list[np.ndarray]) -> None:
+        """Copy a cache of ``past[i].shape[2]`` positions into the buffers (e.g. to time a step at a
+        given context)."""
+        length = past[0].shape[2]
+        if length > self.max_len:
+            raise ValueError(f"KVCache.fill: {length} positions do not fit a {self.max_len}-long buffer")
+        for value, arr in zip(self.values, past, strict=True):
+            full = np.zeros(value.shape(), dtype=arr.dtype)
+            full[:, :, :length] = arr
+            value.update_inplace(full)
+        self.length = length
+
+    def numpy(self) -> list[np.ndarray]:
+        """The valid part of every buffer, ``[batch, kv_heads, length, head_dim]`` (a copy)."""
+        return [v.numpy()[:, :, : self.length].copy() for v in self.values]
+
+
 class OrtDecoder:
     """An exported decode step (:func:`qcompile.backends.onnx.export_decoder`): one call runs
-    ``(input_ids, past) -> (logits, present)`` with the cache as numpy arrays."""
+    ``(input_ids, past) -> (logits, present)`` with the cache as numpy arrays (:meth:`step`), or, for
+    files with a shared KV buffer (input ``past_sequence_length``), in place on a :class:`KVCache`
+    (:meth:`step_inplace`: no cache copies; what :meth:`generate` uses)."""
 
     def __init__(self, path: str | os.PathLike, options: SessionOptions | None = None) -> None:
-        self.session = make_session(path, options)
+        opts = options or SessionOptions()
+        self.device = opts.device
+        self.session = make_session(path, opts)
         inputs = self.session.get_inputs()
         self.names = [i.name for i in inputs]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         past = [i for i in inputs if i.name.startswith("past_key_values.")]
         if not past or inputs[0].name != "input_ids":
             raise ValueError(f"{path}: not a decoder export (inputs: {self.names[:4]}…)")
+        self.past_names = [i.name for i in past]
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.num_layers = len(past) // 2
         self.num_kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
         self.dtype = np.float16 if "float16" in past[0].type else np.float32
+        from qcompile.backends.onnx.optimize import PAST_LENGTH_INPUT
+
+        self.shared_buffer = PAST_LENGTH_INPUT in self.names
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.num_layers)]
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A :class:`KVCache` of ``max_len`` positions for :meth:`step_inplace`."""
+        if not self.shared_buffer:
+            raise ValueError(
+                "OrtDecoder.new_cache: this file has no past_sequence_length input (exported without "
+                "ExportOptions.share_kv_buffer); use step() with numpy caches"
+            )
+        return KVCache(self, batch, max_len)
+
     def step(self, input_ids: Any, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        outputs = run_flat(self.session, [_numpy(input_ids).astype(np.int64), *past])
+        """One step with the cache as arrays: ``present`` = ``past`` ++ the new positions."""
+        feeds = {"input_ids": _numpy(input_ids).astype(np.int64)}
+        feeds.update(zip(self.past_names, past, strict=True))
+        if self.shared_buffer:
+            feeds["past_sequence_length"] = np.array([past[0].shape[2]], dtype=np.int64)
+        outputs = self.session.run(None, feeds)
         return outputs[0], outputs[1:]
 
+    def step_inplace(self, input_ids: Any, cache: KVCache) -> np.ndarray:
+        """One step on ``cache``: the new keys/values are written into its buffers at
+        ``cache.length`` and the length advances; returns the logits."""
+        ids = _numpy(input_ids).astype(np.int64)
+        if ids.shape[0] != cache.batch:
+            raise ValueError(f"step_inplace: batch {ids.shape[0]} but the cache holds {cache.batch} rows")
+        if cache.length + ids.shape[1] > cache.max_len:
+            raise ValueError(
+                f"step_inplace: {cache.length} + {ids.shape[1]} positions exceed the cache's {cache.max_len}"
+            )
+        binding = self.session.io_binding()
+        binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() is in binding order
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("past_sequence_length", np.array([cache.length], dtype=np.int64))
+        for past, present, value in zip(self.past_names, self.present_names, cache.values, strict=True):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        cache.length += ids.shape[1]
+        return binding.get_outputs()[0].numpy()
+
     def generate(self, input_ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy decoding: prefill the prompt (empty cache), then one token per step.
+        """Greedy decoding: prefill the prompt (empty cache), then one token per step (in place on a
+        :class:`KVCache` when the file shares its KV buffer).
 
         Returns ``[batch, prompt + new]`` token ids. Rows are unpadded and equally long; generation
         stops early only when every row has produced ``eos_token_id``.
         """
         ids = _numpy(input_ids).astype(np.int64)
-        logits, past = self.step(ids, self.empty_cache(ids.shape[0]))
+        if self.shared_buffer:
+            cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+
+            def advance(tokens: np.ndarray) -> np.ndarray:
+                return self.step_inplace(tokens, cache)
+        else:
+            state = {"past": self.empty_cache(ids.shape[0])}
+
+            def advance(tokens: np.ndarray) -> np.ndarray:
+                logits, state["past"] = self.step(tokens, state["past"])
+                return logits
+
+        logits = advance(ids)
         tokens = [ids]
         done = np.zeros(ids.shape[0], dtype=bool)
         for i in range(max_new_tokens):
@@ -123,5 +216,5 @@ class OrtDecoder:
                 done |= nxt[:, 0] == eos_token_id
             if i + 1 == max_new_tokens or done.all():
                 break
-            logits, past = self.step(nxt, past)
+            logits = advance(nxt)
         return np.concatenate(tokens, axis=1)
