@@ -65,35 +65,28 @@ class Row:
     rewrites: bool = True  # ExportOptions' ORT rewrites (packed projections, fusable RMSNorm, shared KV)
 
 
+def _headed(recipe: str, bits: int, group: int, rewrites: bool = True, label: str | None = None) -> Row:
+    """A W4A16 row whose lm_head and (tied) embedding are quantized to ``bits`` in ``group``s."""
+    name = f"{label or recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc 4"
+    head = HeadQuantOptions(bits, bits, group)
+    return Row(name + ("" if rewrites else ", no ORT rewrites"), recipe, head, rewrites=rewrites)
+
+
+SQG = "w4a16-smoothquant+-gptq"
 ROWS = {
     "fp": Row("fp32", "fp"),
     "w8a8": Row("w8a8-rtn (MatMulInteger)", "w8a8-rtn"),
     "w4a16": Row("w4a16-rtn g128, acc 4", "w4a16-rtn"),
     "w4a16-acc1": Row("w4a16-rtn g128, acc 1", "w4a16-rtn", accuracy_level=1),
-    "w4a16-head": Row(
-        "w4a16-rtn g128 + lm_head/emb int4 g64, acc 4", "w4a16-rtn", HeadQuantOptions(4, 4, 64)
-    ),
-    "w4a16-head8": Row(
-        "w4a16-rtn g128 + lm_head/emb int8 g64 (tied), acc 4", "w4a16-rtn", HeadQuantOptions(8, 8, 64)
-    ),
-    "w4a16-gptq-head8": Row(
-        "w4a16-gptq (asym, clip) g128 + lm_head/emb int8 g64 (tied), acc 4",
-        "w4a16-gptq",
-        HeadQuantOptions(8, 8, 64),
-    ),
-    "w4a16-sqg-head8": Row(
-        "w4a16-smoothquant+-gptq g128 + lm_head/emb int8 g64 (tied), acc 4",
-        "w4a16-smoothquant+-gptq",
-        HeadQuantOptions(8, 8, 64),
-    ),
+    "w4a16-head": _headed("w4a16-rtn", 4, 64),
+    "w4a16-head8": _headed("w4a16-rtn", 8, 64),
+    "w4a16-gptq-head8": _headed("w4a16-gptq", 8, 64, label="w4a16-gptq (asym, clip)"),
+    "w4a16-sqg-head8": _headed(SQG, 8, 64),
+    "w4a16-head8-g128": _headed("w4a16-rtn", 8, 128),
+    "w4a16-sqg-head8-g128": _headed(SQG, 8, 128),
     "peer": Row("peer: ORT MatMulNBitsQuantizer b128 asym, acc 4", None),
     "fp-plain": Row("fp32, no ORT rewrites", "fp", rewrites=False),
-    "w4a16-sqg-head8-plain": Row(
-        "w4a16-smoothquant+-gptq g128 + lm_head/emb int8 g64 (tied), acc 4, no ORT rewrites",
-        "w4a16-smoothquant+-gptq",
-        HeadQuantOptions(8, 8, 64),
-        rewrites=False,
-    ),
+    "w4a16-sqg-head8-plain": _headed(SQG, 8, 64, rewrites=False),
 }
 DEFAULT_ROWS = ["fp", "w8a8", "w4a16", "w4a16-acc1", "w4a16-head", "w4a16-head8", "peer"]
 CALIBRATION = (32, 512)  # windows x tokens of wiki.valid.tokens for recipes that calibrate (seed 0)
@@ -276,7 +269,8 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
         recipe = row.recipe if row.recipe is not None else "fp"
         key = (recipe, row.head, row.rewrites)
         if key not in exports:
-            stem = f"{recipe}{f'-head{row.head.lm_head_bits}' if row.head else ''}{'' if row.rewrites else '-plain'}"
+            head = f"-head{row.head.lm_head_bits}g{row.head.group_size}" if row.head else ""
+            stem = f"{recipe}{head}{'' if row.rewrites else '-plain'}"
             path = work / f"{stem}.onnx"
             if not (reuse and path.exists()):
                 t0 = time.perf_counter()
@@ -349,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", help="smollm2, or tiny-llama for a smoke run")
     parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--head-group-size", type=int, default=64, help="lm_head/embedding group size")
+    parser.add_argument(
+        "--head-group-size",
+        type=int,
+        default=None,
+        help="lm_head/embedding group size for every row (default: the row's)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="decode calls per timed repeat")
     parser.add_argument("--ppl-windows", type=int, default=4, help="0 skips perplexity")
@@ -360,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [ROWS[k] for k in args.rows]
-    rows = [_with_head_group(r, args.head_group_size) for r in rows]
+    if args.head_group_size is not None:
+        rows = [_with_head_group(r, args.head_group_size) for r in rows]
     if any(r.recipe is None for r in rows) and ROWS["fp"] not in rows:
         rows.insert(0, ROWS["fp"])  # the peer quantizes the FP32 export
     work = Path(args.work)

@@ -13,8 +13,8 @@ MatMulNBits ``accuracy_level`` L and scored by ONNX Runtime on the same windows:
 is ``ppl_ort / ppl_reference − 1`` (the issue's bar: within 1 %).
 
 ``--head BITS``: after each recipe, also quantize lm_head and the (tied) embedding table to BITS,
-symmetric groups of 64 (:mod:`qcompile.backends.onnx.head`, what ``export-onnx --lm-head-bits
---embedding-bits`` ships) — in the reference and in the ORT file alike.
+symmetric groups of ``--head-group`` (default 64; :mod:`qcompile.backends.onnx.head`, what
+``export-onnx --lm-head-bits --embedding-bits`` ships) — in the reference and in the ORT file alike.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         choices=(4, 8),
         default=None,
-        help="also quantize lm_head + embedding to this many bits (g64, symmetric) after each recipe",
+        help="also quantize lm_head + embedding to this many bits (symmetric groups) after each recipe",
     )
+    parser.add_argument("--head-group", type=int, default=64, help="group size of --head")
     parser.add_argument(
         "--ort",
         type=int,
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.head is not None:
             from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
 
-            quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, 64))
+            quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, args.head_group))
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
         ort = _ort_ppls(qm.qgraph, example, tok, args) if args.ort else {}
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"SmolLM2-135M-Instruct, wiki.test.raw seq {args.seq_len} x {args.windows} windows; "
         f"calibration {n_cal} x {len_cal} tokens of wiki.valid.tokens (seed {args.seed}); "
-        + (f"lm_head + embedding int{args.head} g64 symmetric; " if args.head else "")
+        + (f"lm_head + embedding int{args.head} g{args.head_group} symmetric; " if args.head else "")
         + f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "",
         "| recipe | ppl | vs fp | quantize (s) | eval (s) |"

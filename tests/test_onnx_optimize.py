@@ -215,6 +215,7 @@ def test_default_export_applies_every_rewrite_and_matches_the_reference(files, t
     assert "RoPE inside 2 GroupQueryAttention" in report.rewrites
     assert "packed q/k/v into 2 GroupQueryAttention" in report.rewrites
     assert any(name == PAST_LENGTH_INPUT for name, _, _ in report.inputs)
+    assert report.outputs[1][0] == "present.0.key" and report.outputs[1][1][2] == "present_sequence"
     assert report.op_counts["MatMulNBits"] == 8  # 14 linears, q/k/v and gate/up packed; float lm_head
     layout = tiny_decoder.info["decoder"]
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))

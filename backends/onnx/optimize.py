@@ -175,6 +175,11 @@ def share_kv_buffer(model: Any) -> int:
     for node in removed:
         graph.node.remove(node)
     graph.input.append(onnx.helper.make_tensor_value_info(PAST_LENGTH_INPUT, onnx.TensorProto.INT64, [1]))
+    for out in graph.output:  # past + new when the cache is concatenated, the buffer's length when shared
+        if out.name.startswith("present.") and len(out.type.tensor_type.shape.dim) == 4:
+            dim = out.type.tensor_type.shape.dim[2]
+            dim.Clear()
+            dim.dim_param = "present_sequence"
     _toposort(graph)
     return len(reads)
 
