@@ -208,12 +208,30 @@ def test_residual_add_and_rms_norm_become_one_skip_norm(files, tmp_path):
     _same_steps(before, after, seed=8, atol=1e-5)
 
 
+def test_export_verification_measures_the_file_against_the_reference(files, tmp_path):
+    """verify_decoder_file: the default export agrees with the reference QGraph to rounding; a file
+    whose RoPE was altered (rotate_half halves swapped in one layer) is caught."""
+    from qcompile.backends.onnx.decoder_export import VERIFY_LIMIT, verify_decoder_file
+
+    plain, full, exp = files
+    assert verify_decoder_file(full, exp.qgraph) < 1e-5
+    model = onnx.load(str(plain))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = next(
+        n for n in model.graph.node if n.op_type == "Concat" and producer.get(n.input[0], n).op_type == "Neg"
+    )
+    node.input[0], node.input[1] = node.input[1], node.input[0]
+    broken = _rewrite_model(model, tmp_path / "broken.onnx")
+    assert verify_decoder_file(broken, exp.qgraph) > VERIFY_LIMIT
+
+
 def test_default_export_applies_every_rewrite_and_matches_the_reference(files, tiny_decoder):
     _, full, exp = files
     report = exp.report
     assert "packed projections" in report.rewrites and "shared KV buffer" in report.rewrites
     assert "RoPE inside 2 GroupQueryAttention" in report.rewrites
     assert "packed q/k/v into 2 GroupQueryAttention" in report.rewrites
+    assert "verified" in report.verification and "verified" in report.summary()
     assert any(name == PAST_LENGTH_INPUT for name, _, _ in report.inputs)
     assert report.outputs[1][0] == "present.0.key" and report.outputs[1][1][2] == "present_sequence"
     assert report.op_counts["MatMulNBits"] == 8  # 14 linears, q/k/v and gate/up packed; float lm_head

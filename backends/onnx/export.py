@@ -72,6 +72,9 @@ class ExportOptions:
         fuse_rotary: decode steps with fused attention move RoPE into ``GroupQueryAttention``
             (``do_rotary``, a cos/sin cache of ``max_position_embeddings`` rows from the graph's own
             ``inv_freq``, in float64) when the graph's RoPE matches transformers' ``rotate_half``.
+        verify: decode steps are run once in ORT (accuracy level 1) against the reference QGraph
+            on random inputs; the error is in the summary, and with float activations an error
+            over 1e-3 relative fails the export.
     """
 
     opset: int = 21
@@ -87,6 +90,7 @@ class ExportOptions:
     rms_norm_div: bool = True
     share_kv_buffer: bool = True
     fuse_rotary: bool = True
+    verify: bool = True
 
 
 @dataclass
@@ -115,6 +119,7 @@ class ExportReport:
     fold_summary: str = ""
     int4_format: str = "matmulnbits"
     rewrites: str = ""
+    verification: str = ""
 
     def kernels(self) -> dict[str, int]:
         return dict(collections.Counter(lin.kernel for lin in self.linears))
@@ -147,6 +152,8 @@ class ExportReport:
             lines.append(f"  fold_qdq: {self.fold_summary}")
         if self.rewrites:
             lines.append(f"  {self.rewrites}")
+        if self.verification:
+            lines.append(f"  {self.verification}")
         return "\n".join(lines)
 
     def refresh(self) -> None:
