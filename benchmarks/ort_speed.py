@@ -30,7 +30,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,13 +118,10 @@ class Result:
 
 
 def _with_head_group(row: Row, group: int) -> Row:
+    """``row`` with its head quantized in groups of ``group`` (``--head-group-size``)."""
     if row.head is None:
         return row
-    bits = row.head.lm_head_bits
-    name = f"{row.recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc {row.accuracy_level}"
-    if not row.rewrites:
-        name += ", no ORT rewrites"
-    return replace(row, name=name, head=replace(row.head, group_size=group))
+    return _headed(row.recipe, row.head.lm_head_bits, group, row.rewrites)
 
 
 class _Timer:
@@ -280,12 +277,7 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
                     recipe=recipe,
                     qgraph=decoder,
                     head=row.head,
-                    options=ExportOptions(
-                        pack_projections=row.rewrites,
-                        rms_norm_div=row.rewrites,
-                        share_kv_buffer=row.rewrites,
-                        fuse_rotary=row.rewrites,
-                    ),
+                    options=ExportOptions().with_ort_rewrites(row.rewrites),
                     calibration=_calibration(recipe, tok),
                 )
                 _references[key[:2]] = exp.qgraph  # quantized (and head-quantized), unfused: the reference

@@ -47,9 +47,6 @@ def tiny_decoder(tiny_model):
     return capture_decoder(tiny_model)
 
 
-PLAIN = dict(pack_projections=False, rms_norm_div=False, share_kv_buffer=False, fuse_rotary=False)
-
-
 @pytest.fixture(scope="module")
 def files(tiny_model, tiny_decoder, tmp_path_factory):
     """The tiny Llama's W4A16 decode step written plain and with every rewrite (accuracy level 1)."""
@@ -60,7 +57,7 @@ def files(tiny_model, tiny_decoder, tmp_path_factory):
         plain,
         recipe=W4A16_G32,
         qgraph=tiny_decoder,
-        options=ExportOptions(accuracy_level=1, **PLAIN),
+        options=ExportOptions(accuracy_level=1).with_ort_rewrites(False),
     )
     exp = export_decoder(
         tiny_model, full, recipe=W4A16_G32, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1)
@@ -284,7 +281,10 @@ def test_cache_fill_and_limits(files):
 def test_share_kv_buffer_refuses_an_unfused_cache(tiny_model, tiny_decoder, tmp_path):
     path = tmp_path / "unfused.onnx"
     export_decoder(
-        tiny_model, path, qgraph=tiny_decoder, options=ExportOptions(fuse_attention=False, **PLAIN)
+        tiny_model,
+        path,
+        qgraph=tiny_decoder,
+        options=ExportOptions(fuse_attention=False).with_ort_rewrites(False),
     )
     model = onnx.load(str(path))
     before = model.SerializeToString()

@@ -70,11 +70,7 @@ def run_export(cmd: ExportCommand) -> tuple[ExportReport, str]:
         accuracy_level=cmd.accuracy_level,
         int4_format=cmd.int4_format,
         fuse_attention=cmd.fuse_attention,
-        pack_projections=cmd.ort_rewrites,
-        rms_norm_div=cmd.ort_rewrites,
-        share_kv_buffer=cmd.ort_rewrites,
-        fuse_rotary=cmd.ort_rewrites,
-    )
+    ).with_ort_rewrites(cmd.ort_rewrites)
     Path(cmd.out).parent.mkdir(parents=True, exist_ok=True)
     if not cmd.prefill_only:
         exp = export_decoder(

@@ -85,15 +85,15 @@ def export_decoder(
         exported = qg.copy()
         attention = fuse_attention(exported)
         summary += "\n" + attention.summary()
-    report = export_onnx(exported, example_decoder_inputs(layout), path, options=opts)
-    if opts.fuse_attention and (opts.share_kv_buffer or opts.fuse_rotary):
-        from qcompile.backends.onnx.optimize import rewrite_for_ort
-
-        positions = getattr(model.config, "max_position_embeddings", None) if opts.fuse_rotary else None
-        more = rewrite_for_ort(path, share_kv=opts.share_kv_buffer, rotary_positions=positions)
-        head = report.rewrites + "; " if report.rewrites else "ORT rewrites: "
-        report.rewrites = head + more.summary().removeprefix("ORT rewrites: ")
-        report.refresh()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    report = export_onnx(
+        exported,
+        example_decoder_inputs(layout),
+        path,
+        options=opts,
+        decode_step=True,
+        max_positions=positions,
+    )
     if opts.verify:
         error = verify_decoder_file(path, qg)
         report.verification = (
@@ -104,8 +104,8 @@ def export_decoder(
         if error > VERIFY_LIMIT and float_acts:  # quantized activations on random inputs: report only
             raise OnnxExportError(
                 f"export_decoder: the written file {path} disagrees with the reference QGraph (max relative "
-                f"L2 error {error:.2e} > {VERIFY_LIMIT}); rerun with ExportOptions(pack_projections=False, "
-                "rms_norm_div=False, share_kv_buffer=False, fuse_rotary=False) to find the rewrite at fault"
+                f"L2 error {error:.2e} > {VERIFY_LIMIT}); rerun with ExportOptions().with_ort_rewrites(False) "
+                "(then one rewrite at a time) to find the rewrite at fault"
             )
     return DecoderExport(report, qg, summary, attention)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,16 @@ class ExportOptions:
     share_kv_buffer: bool = True
     fuse_rotary: bool = True
     verify: bool = True
+
+    def with_ort_rewrites(self, enabled: bool) -> ExportOptions:
+        """A copy with every post-export ORT rewrite (:mod:`.optimize`) switched on or off."""
+        return replace(
+            self,
+            pack_projections=enabled,
+            rms_norm_div=enabled,
+            share_kv_buffer=enabled,
+            fuse_rotary=enabled,
+        )
 
 
 @dataclass
@@ -188,12 +198,16 @@ def export_onnx(
     opset: int = 21,
     accuracy_level: int = 4,
     options: ExportOptions | None = None,
+    decode_step: bool = False,
+    max_positions: int | None = None,
 ) -> ExportReport:
     """Export ``qgraph`` (float or quantized, folded or not) to ``path``; returns what was written.
 
     ``example_inputs`` are positional inputs in the captured signature (nested tuples allowed, e.g.
     a KV cache); every tensor dim is exported dynamic where the graph allows. The caller's QGraph
-    is not modified (folding happens on a copy).
+    is not modified (folding happens on a copy). ``decode_step`` (with fused attention) enables the
+    shared-KV-buffer rewrite, and ``max_positions`` RoPE inside attention (:func:`export_decoder`
+    sets both); every chosen rewrite runs in one pass over the written file.
     """
     opts = options or ExportOptions(opset=opset, accuracy_level=accuracy_level)
     graph, fold_summary = _folded_copy(qgraph)
@@ -218,11 +232,18 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=False)
     report = _report(program.model, graph, path, opts, fold_summary)
-    if opts.pack_projections or opts.rms_norm_div:
+    fused = decode_step and opts.fuse_attention
+    share = fused and opts.share_kv_buffer
+    positions = max_positions if fused and opts.fuse_rotary else None
+    if share or positions or opts.pack_projections or opts.rms_norm_div:
         from qcompile.backends.onnx.optimize import rewrite_for_ort
 
         rewrites = rewrite_for_ort(
-            path, share_kv=False, pack=opts.pack_projections, rms_div=opts.rms_norm_div
+            path,
+            share_kv=share,
+            pack=opts.pack_projections,
+            rms_div=opts.rms_norm_div,
+            rotary_positions=positions,
         )
         report.rewrites = rewrites.summary()
         report.refresh()

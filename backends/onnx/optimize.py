@@ -426,6 +426,7 @@ def fuse_rotary(model: Any, max_positions: int) -> int:
 
     graph = model.graph
     g = _Graph(graph)
+    readers = _users(graph)
     caches: dict[bytes, tuple[str, str]] = {}
     fused = 0
     for node in list(graph.node):
@@ -470,8 +471,8 @@ def fuse_rotary(model: Any, max_positions: int) -> int:
         # or else the projection's BSH output; either way the RoPE nodes are dead and pruned
         ids = "input_ids" if any(i.name == "input_ids" for i in graph.input) else None
         for rotated, base in ((q_rot, ids or q), (k_rot, ids or k)):
-            for reader in graph.node:
-                if reader.op_type != "Shape" or list(reader.input) != [rotated]:
+            for reader in readers.get(rotated, []):
+                if reader.op_type != "Shape":
                     continue
                 span = _BHSD_TO_BSH.get((_attr(reader, "start", 0), _attr(reader, "end", None)))
                 if span is not None:  # batch stays dim 0; the sequence moves from dim 2 to 1

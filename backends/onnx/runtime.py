@@ -97,9 +97,12 @@ class KVCache:
             for _ in range(2 * decoder.num_layers)
         ]
         if device == "cpu":  # zero the buffers: rows past ``length`` are never read, but keep them clean
+            zeros = np.zeros(shape, dtype=decoder.dtype)
             for value in self.values:
-                value.update_inplace(np.zeros(shape, dtype=decoder.dtype))
+                value.update_inplace(zeros)
         self.batch, self.max_len, self.length = batch, max_len, 0
+        self.binding: Any = None  # an IOBinding with these buffers bound (step_inplace)
+        self.session: Any = None  # the session that binding belongs to
 
     def fill(self, past: list[np.ndarray]) -> None:
         """Copy a cache of ``past[i].shape[2]`` positions into the buffers (e.g. to time a step at a
@@ -107,8 +110,8 @@ class KVCache:
         length = past[0].shape[2]
         if length > self.max_len:
             raise ValueError(f"KVCache.fill: {length} positions do not fit a {self.max_len}-long buffer")
+        full = np.zeros(self.values[0].shape(), dtype=past[0].dtype)
         for value, arr in zip(self.values, past, strict=True):
-            full = np.zeros(value.shape(), dtype=arr.dtype)
             full[:, :, :length] = arr
             value.update_inplace(full)
         self.length = length
@@ -175,16 +178,20 @@ class OrtDecoder:
             raise ValueError(
                 f"step_inplace: {cache.length} + {ids.shape[1]} positions exceed the cache's {cache.max_len}"
             )
-        binding = self.session.io_binding()
-        binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() is in binding order
+        binding = cache.binding
+        if binding is None or cache.session is not self.session:
+            # bind the buffers once per cache; each step rebinds only the ids, the length and logits
+            binding = cache.binding = self.session.io_binding()
+            cache.session = self.session
+            for past, present, value in zip(self.past_names, self.present_names, cache.values, strict=True):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("past_sequence_length", np.array([cache.length], dtype=np.int64))
-        for past, present, value in zip(self.past_names, self.present_names, cache.values, strict=True):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        binding.bind_output(self.output_names[0], "cpu")
         self.session.run_with_iobinding(binding)
         cache.length += ids.shape[1]
-        return binding.get_outputs()[0].numpy()
+        return binding.get_outputs()[-1].numpy()  # logits: the output bound last
 
     def generate(self, input_ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding: prefill the prompt (empty cache), then one token per step (in place on a
