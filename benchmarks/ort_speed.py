@@ -82,6 +82,7 @@ ROWS = {
     "w4a16-head8": _headed("w4a16-rtn", 8, 64),
     "w4a16-gptq-head8": _headed("w4a16-gptq", 8, 64, label="w4a16-gptq (asym, clip)"),
     "w4a16-sqg-head8": _headed(SQG, 8, 64),
+    "w4a16-sqg-kv8-head8": _headed(SQG + "-kv8", 8, 64),
     "w4a16-head8-g128": _headed("w4a16-rtn", 8, 128),
     "w4a16-sqg-head8-g128": _headed(SQG, 8, 128),
     "peer": Row("peer: ORT MatMulNBitsQuantizer b128 asym, acc 4", None),
@@ -89,6 +90,7 @@ ROWS = {
     "w4a16-sqg-head8-plain": _headed(SQG, 8, 64, rewrites=False),
 }
 DEFAULT_ROWS = ["fp", "w8a8", "w4a16", "w4a16-acc1", "w4a16-head", "w4a16-head8", "peer"]
+WORKLOADS = ("prefill", "b1", "b8")  # what a repeat times (``--workloads``)
 CALIBRATION = (32, 512)  # windows x tokens of wiki.valid.tokens for recipes that calibrate (seed 0)
 _calibration_cache: dict = {}
 _references: dict = {}  # (recipe, head) -> the decode-step QGraph an export came from
@@ -99,7 +101,7 @@ def _calibration(recipe: str, tok) -> list[torch.Tensor] | None:
     from qcompile.data import calibration_windows
     from qcompile.recipe import load_recipe
 
-    if "calibrate" not in load_recipe(recipe).pass_names():
+    if not load_recipe(recipe).needs_calibration():
         return None
     if "windows" not in _calibration_cache:
         _calibration_cache["windows"] = calibration_windows(tok, *CALIBRATION)
@@ -140,7 +142,7 @@ class _Timer:
         for batch in (1, 8):
             shape = (batch, self.dec.num_kv_heads, ctx, self.dec.head_dim)
             self.past[batch] = [
-                gen.standard_normal(shape, dtype=np.float32) for _ in range(2 * self.dec.num_layers)
+                _random_cache(gen, shape, self.dec.dtype) for _ in range(2 * self.dec.num_layers)
             ]
             if self.dec.shared_buffer:
                 self.cache[batch] = self.dec.new_cache(batch, ctx + 1)
@@ -162,32 +164,43 @@ class _Timer:
             else:
                 self.dec.step(token, self.past[batch])
 
-    def run_once(self, record: bool = True) -> None:
+    def run_once(self, record: bool = True, workloads: tuple[str, ...] = WORKLOADS) -> None:
         for key, fn in (
             ("prefill", self._prefill),
             ("b1", lambda: self._decode(1)),
             ("b8", lambda: self._decode(8)),
         ):
+            if key not in workloads:
+                continue
             t0 = time.perf_counter()
             fn()
             if record:
                 self.times[key].append(time.perf_counter() - t0)
 
     def result(self) -> tuple[float, float, float]:
-        """(prefill ms, decode tokens/s at batch 1, at batch 8), medians."""
-        med = {k: statistics.median(v) for k, v in self.times.items()}
+        """(prefill ms, decode tokens/s at batch 1, at batch 8), medians (NaN for a workload not run)."""
+        med = {k: statistics.median(v) if v else float("nan") for k, v in self.times.items()}
         return 1000 * med["prefill"], self.steps / med["b1"], 8 * self.steps / med["b8"]
 
 
-def measure_all(paths: dict, threads: int, repeats: int, steps: int, vocab: int) -> dict:
+def _random_cache(gen: np.random.Generator, shape: tuple, dtype: type) -> np.ndarray:
+    """A cache of ``shape`` in the file's cache type (int8 for a quantized cache)."""
+    if np.issubdtype(dtype, np.integer):
+        return gen.integers(-128, 128, shape, dtype=dtype)
+    return gen.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+def measure_all(
+    paths: dict, threads: int, repeats: int, steps: int, vocab: int, workloads: tuple[str, ...] = WORKLOADS
+) -> dict:
     """Time every file, interleaved: each repeat runs every file once, so a change of machine load
     (this is a shared machine) hits all rows alike instead of whichever row ran at the time."""
     timers = {row: _Timer(path, threads, steps, vocab) for row, path in paths.items()}
     for timer in timers.values():
-        timer.run_once(record=False)  # warm-up: ORT's first-run allocations
+        timer.run_once(record=False, workloads=workloads)  # warm-up: ORT's first-run allocations
     for _ in range(repeats):
         for timer in timers.values():
-            timer.run_once()
+            timer.run_once(workloads=workloads)
     return {row: timer.result() for row, timer in timers.items()}
 
 
@@ -343,11 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="decode calls per timed repeat")
+    parser.add_argument(
+        "--workloads",
+        nargs="*",
+        default=list(WORKLOADS),
+        choices=WORKLOADS,
+        help="what to time (e.g. only b1, for more repeats of the batch-1 decode in the same time)",
+    )
     parser.add_argument("--ppl-windows", type=int, default=4, help="0 skips perplexity")
     parser.add_argument("--ppl-seq-len", type=int, default=512)
     parser.add_argument("--work", default="/tmp/qcompile_ort_bench", help="where the .onnx files go")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--reuse", action="store_true", help="keep .onnx files already in --work")
+    parser.add_argument(
+        "--no-ort-delta",
+        action="store_true",
+        help="skip the ort Δ column (with --reuse it re-runs each recipe to get the reference)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [ROWS[k] for k in args.rows]
@@ -361,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     decoder = capture_decoder(model)
     files = build_files(rows, model, tok, decoder, work, args.reuse)
     print("TIMING: every file exported; timing starts now", flush=True)
-    timings = measure_all(files, args.threads, args.repeats, args.steps, model.config.vocab_size)
+    timings = measure_all(
+        files, args.threads, args.repeats, args.steps, model.config.vocab_size, tuple(args.workloads)
+    )
     prefill_graph = None
     if args.ppl_windows:
         ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"].repeat(
@@ -373,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         res = Result(row, files[row].stat().st_size / 2**20, *timings[row])
         if prefill_graph is not None and row.recipe is not None:
             res.ppl = reference_ppl(prefill_graph, row, tok, args.ppl_windows, args.ppl_seq_len)
-        if row.recipe not in (None, "fp"):
+        if row.recipe not in (None, "fp") and not args.no_ort_delta:
             res.ort_delta = _ort_deviation(files[row], decoder, row, tok, args.threads)
         results.append(res)
         print(f"{row.name}: {res}", flush=True)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in recipes:
         recipe = load_recipe(name)
-        needs_cal = "calibrate" in recipe.pass_names()
+        needs_cal = recipe.needs_calibration()
         if needs_cal and batches is None:
             batches = [(w,) for w in calibration_windows(tok, n_cal, len_cal, seed=args.seed)]
         print(f"\n=== {name}: {' -> '.join(recipe.pass_names())}", flush=True)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [(w,) for w in calibration_windows(tok, n_cal, len_cal, seed=0)]
     print(f"| recipe | ppl | embedding × (1 + {args.nudge:.3g}) | Δ |\n|---|---|---|---|")
     for name in args.recipes:
-        cal = batches if "calibrate" in load_recipe(name).pass_names() else None
+        cal = batches if load_recipe(name).needs_calibration() else None
         qm = qcompile.quantize(qgraph, name, calibration=cal, example_inputs=example, progress=False)
         base = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False).ppl
         table = qm.qgraph.node(qm.qgraph.info["structure"].embeddings[0].node).args[0]

@@ -9,6 +9,7 @@ from qcompile.passes import (  # noqa: F401
     fuse_norms,
     identity,
     quantize,
+    quantize_kv,
     rotate,
     smooth,
 )

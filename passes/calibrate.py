@@ -34,6 +34,7 @@ class CalibratePass(Pass):
 
     name: ClassVar[str] = "calibrate"
     kind = "analysis"
+    uses_calibration = True
     requires: ClassVar[tuple[str, ...]] = ("analyze",)
 
     @dataclass

@@ -164,9 +164,47 @@ def _find_attention(graph: fx.Graph, st: Structure) -> None:
         )
         norm = st.norm_feeding(q.name)
         site.input_norm = norm.output if norm is not None else None
+        site.key_source = _cache_entry(node.args[1], site)
+        site.value_source = _cache_entry(node.args[2], site)
         for name, role in ((q, "q"), (k, "k"), (v, "v"), (o, "o")):
             st.linears[name.name].role = role  # type: ignore[assignment]
         st.attentions.append(site)
+
+
+# What transformers' ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``) and the cache update
+# are written with between the new keys/values and the sdpa.
+_REPEAT_KV_OPS = {
+    P.aten.view.default,
+    P.aten._unsafe_view.default,
+    P.aten.reshape.default,
+    P.aten.expand.default,
+    P.aten.clone.default,
+    P.aten.alias.default,
+    P.aten.unsqueeze.default,
+}
+
+
+def _cache_entry(node: fx.Node, site: AttentionSite) -> str | None:
+    """Walk up from an sdpa key/value operand through ``repeat_kv`` and the cache concat
+    (``cat([past, new], -2)``: the walk takes ``new``) to the ``[B, KV, S, D]`` tensor entering the
+    cache; None when it is not one (e.g. an unusual layout)."""
+    for _ in range(16):
+        if not isinstance(node, fx.Node):
+            return None
+        if P.is_op(node, _REPEAT_KV_OPS) or P.is_full_slice(node):
+            node = node.args[0]
+            continue
+        if P.is_op(node, {P.aten.cat.default}):
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if len(tensors) != 2 or dim % 4 != 2:
+                return None
+            node = tensors[1]
+            continue
+        shape = P.val_shape(node)
+        ok = len(shape) == 4 and shape[1] == site.num_kv_heads and shape[3] == site.head_dim
+        return node.name if ok else None
+    return None
 
 
 # ---- MLP -----------------------------------------------------------------------------------------

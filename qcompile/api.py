@@ -59,10 +59,6 @@ def _as_batches(items: Iterable[Any]) -> list[tuple]:
     return [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in items]
 
 
-def _needs_calibration(recipe: Recipe) -> bool:
-    return "calibrate" in recipe.pass_names()
-
-
 def quantize(
     model: torch.nn.Module | QGraph,
     recipe: RecipeLike,
@@ -106,7 +102,7 @@ def quantize(
 def _calibration_batches(
     recipe: Recipe, calibration: Any, tokenizer: Any, progress: bool
 ) -> list[tuple] | None:
-    if calibration is None and tokenizer is not None and _needs_calibration(recipe):
+    if calibration is None and tokenizer is not None and recipe.needs_calibration():
         calibration = CalibrationConfig()
     if isinstance(calibration, CalibrationConfig):
         if tokenizer is None:
@@ -118,7 +114,7 @@ def _calibration_batches(
         )
         return _as_batches(windows)
     if calibration is None:
-        if _needs_calibration(recipe):
+        if recipe.needs_calibration():
             raise ValueError(
                 f"quantize: recipe {recipe.name!r} calibrates; pass calibration=[batches] or tokenizer="
             )

@@ -229,9 +229,7 @@ class LinearInputObserver:
 
     def finalize(self) -> LinearInputStats:
         if self.channel_absmax is None:
-            raise CalibrationError(
-                f"calibrate: linear `{self.node}` was never executed on the calibration batches"
-            )
+            raise CalibrationError(f"calibrate: `{self.node}` was never executed on the calibration batches")
         order = torch.argsort(self._index)
         absmax = self.channel_absmax.cpu()
         return LinearInputStats(
@@ -249,11 +247,19 @@ class LinearInputObserver:
 
 
 class _ObservingInterpreter(fx.Interpreter):
-    """Runs the graph node by node and shows each observed linear its input before it executes."""
+    """Runs the graph node by node and shows each observed linear its input before it executes, and
+    each observed cache entry (``[B, KV, S, D]``, see :func:`calibrate`) its output after."""
 
-    def __init__(self, gm: fx.GraphModule, observers: dict[str, LinearInputObserver], seed: int) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        observers: dict[str, LinearInputObserver],
+        seed: int,
+        output_observers: dict[str, LinearInputObserver] | None = None,
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.observers = observers
+        self.output_observers = output_observers or {}
         self.seed = seed
         self.batch_index = 0
         self._keys: dict[tuple[int, str], torch.Tensor] = {}
@@ -284,7 +290,14 @@ class _ObservingInterpreter(fx.Interpreter):
             n_rows = x.numel() // observer.in_features
             observer.observe(x, self.row_keys(n_rows, x.device))
             del x
-        return super().run_node(n)
+        out = super().run_node(n)
+        observer = self.output_observers.get(n.name)
+        if observer is not None:
+            if not (isinstance(out, torch.Tensor) and out.dim() == 4):
+                raise CalibrationError(f"calibrate: cache entry `{n.name}` is not a [B, KV, S, D] tensor")
+            rows = out.transpose(1, 2).reshape(-1, observer.in_features)  # one row per token
+            observer.observe(rows, self.row_keys(rows.shape[0], rows.device))
+        return out
 
 
 def linear_nodes(qgraph: QGraph) -> list[fx.Node]:
@@ -323,6 +336,7 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     linears: Sequence[str] | None = None,
+    cache_entries: Sequence[str] = (),
 ) -> dict[str, LinearInputStats]:
     """Run ``qgraph`` on each batch and return the input statistics of each linear, by node name.
 
@@ -334,6 +348,10 @@ def calibrate(
         seed: seeds the reservoir; the same seed and batches give the same samples.
         progress: a tqdm bar over batches.
         linears: node names to observe (default: every linear, see :func:`linear_nodes`).
+        cache_entries: node names of ``[B, KV, S, D]`` tensors entering a KV cache (the analysis'
+            ``AttentionSite.key_source`` / ``value_source``) to observe as well: their outputs, one
+            row of ``KV·D`` channels per token (channel ``h·D + d`` = head ``h``, dim ``d``). Their
+            stats go to ``node.meta["qcompile"]["kv_stats"]`` only, not into the returned dict.
 
     Each linear's stats are also written to ``node.meta["qcompile"]["act_stats"]`` (the same object).
     Linears that read the same node share the stats' tensors (treat them as read-only; use
@@ -360,7 +378,16 @@ def calibrate(
             first_reader[n.args[0]] = n.name
             in_features = int(qgraph.get_constant(n.args[1]).shape[1])
             observers[n.name] = LinearInputObserver(n.name, in_features, sample_rows, hessian)
-    interp = _ObservingInterpreter(qgraph.graph_module, observers, seed)
+    by_name = {n.name: n for n in qgraph.graph.nodes}
+    entries: dict[str, LinearInputObserver] = {}
+    for name in cache_entries:
+        shape = P.val_shape(by_name[name]) if name in by_name else ()
+        if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            raise CalibrationError(
+                f"calibrate: cache entry `{name}` is not a [B, KV, S, D] node of this graph"
+            )
+        entries[name] = LinearInputObserver(name, int(shape[1] * shape[3]), sample_rows, False)
+    interp = _ObservingInterpreter(qgraph.graph_module, observers, seed, entries)
     device = _graph_device(qgraph)
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
@@ -371,6 +398,8 @@ def calibrate(
     for n in nodes:
         stats[n.name] = replace(shared[first_reader[n.args[0]]], node=n.name)
         qmeta.set_(n, qmeta.ACT_STATS, stats[n.name])
+    for name, observer in entries.items():
+        qmeta.set_(by_name[name], qmeta.KV_STATS, observer.finalize())
     return stats
 
 

@@ -63,6 +63,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         lm_head_bits=args.lm_head_bits,
         embedding_bits=args.embedding_bits,
         head_group_size=args.head_group_size,
+        kv_cache_bits=args.kv_cache_bits,
         prefill_only=args.prefill_only,
         calib_windows=int(n_cal),
         calib_len=int(len_cal),
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also quantize the embedding table (shared with a tied lm_head of the same bits)",
     )
     ex.add_argument("--head-group-size", type=int, default=64, help="group size for lm_head/embedding")
+    ex.add_argument(
+        "--kv-cache-bits",
+        type=int,
+        choices=[8],
+        default=None,
+        help="int8 KV cache: append the quantize_kv pass to the recipe (static per-channel scales from "
+        "calibration; GroupQueryAttention stores the cache in int8)",
+    )
     ex.add_argument(
         "--prefill-only",
         action="store_true",

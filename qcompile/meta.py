@@ -13,6 +13,7 @@ first, rewrite second).
 | linear     | analyze      | :class:`qcompile.structure.LinearSite`                                 |
 | norm       | analyze      | :class:`qcompile.structure.NormSite` (on the norm's output node)       |
 | act_stats  | calibrate    | per-channel / per-token abs-max of the linear's input                  |
+| kv_stats   | quantize_kv  | the same of the new keys / values entering a KV cache                  |
 | outliers   | detect_outliers | outlier report of the linear's input                                |
 | quant      | quantize     | the quantization scheme applied to a linear                            |
 """
@@ -31,10 +32,11 @@ LAYER = "layer"
 LINEAR = "linear"
 NORM = "norm"
 ACT_STATS = "act_stats"
+KV_STATS = "kv_stats"
 OUTLIERS = "outliers"
 QUANT = "quant"
 
-KEYS = (MODULE, ROLE, LAYER, LINEAR, NORM, ACT_STATS, OUTLIERS, QUANT)
+KEYS = (MODULE, ROLE, LAYER, LINEAR, NORM, ACT_STATS, KV_STATS, OUTLIERS, QUANT)
 
 
 def get(node: fx.Node) -> dict[str, Any]:

@@ -94,6 +94,8 @@ class Pass:
     tolerance: ClassVar[float | None] = None
     # The pass's options dataclass, or None for a pass without options.
     Options: ClassVar[type | None] = None
+    # The pass reads calibration batches (``ctx.calibration``): a recipe with it needs them.
+    uses_calibration: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | Any | None = None) -> None:
         self.options = self.validate_options(options)

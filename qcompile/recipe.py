@@ -80,6 +80,18 @@ class Recipe:
     def pass_names(self) -> list[str]:
         return [spec.name for spec in self.passes]
 
+    def appended(self, name: str, options: Mapping[str, Any] | None = None, suffix: str = "") -> Recipe:
+        """A copy with one more step at the end (validated), named ``name + suffix``."""
+        recipe = dataclasses.replace(
+            self, name=self.name + suffix, passes=[*self.passes, PassSpec(name, dict(options or {}))]
+        )
+        validate_recipe(recipe)
+        return recipe
+
+    def needs_calibration(self) -> bool:
+        """Some pass reads calibration batches (``calibrate``, ``quantize_kv``)."""
+        return any(spec.pass_class().uses_calibration for spec in self.passes)
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe in its file shape (``load_recipe(r.to_dict())`` round-trips)."""
         header = {k: getattr(self, k) for k in recipe_table_keys()}

@@ -63,6 +63,11 @@ class AttentionSite:
     rope: bool
     attention_node: str  # the sdpa node (or the softmax of a decomposed attention)
     input_norm: str | None = None  # output node of the norm feeding q/k/v, if any
+    # The new keys (after RoPE) and values ``[B, KV, S, D]`` as they enter the KV cache (the ``new``
+    # of a decode step's ``cat([past, new])``) or, without a cache, attention itself (before
+    # repeat_kv): where a KV-cache quantizer goes. None when the walk found no such tensor.
+    key_source: str | None = None
+    value_source: str | None = None
 
     @property
     def kv_group_size(self) -> int:

@@ -287,3 +287,38 @@ def test_asymmetric_int4_weights_reach_matmulnbits_with_zero_points(tiny_model, 
     ref_step, _ = exp.qgraph(nxt, ref_past)
     step, _ = dec.step(nxt, past)
     np.testing.assert_allclose(step, ref_step.numpy(), atol=1e-4, rtol=0)
+
+
+def test_quantized_activations_are_not_requantized_in_kernel(tiny_model, tiny_decoder, tmp_path):
+    """W4A4: MatMulNBits reading an activation the recipe quantized stays at accuracy level 1 in a
+    level-4 export (level 4 would round it again, to int8 per block); the weight-only int8 lm_head
+    gets level 4. ``set_accuracy_level`` moves only the weight-only ones."""
+    from qcompile.backends.onnx.export import set_accuracy_level
+
+    path = tmp_path / "w4a4.onnx"
+    exp = export_decoder(
+        tiny_model,
+        path,
+        recipe="w4a4-rtn",
+        qgraph=tiny_decoder,
+        options=ExportOptions(accuracy_level=4),
+        head=HeadQuantOptions(lm_head_bits=8, embedding_bits=None, group_size=16),
+    )
+    assert "level 1 where the recipe quantized the activation" in exp.report.summary()
+
+    def levels(p: Path) -> dict[str, int]:
+        nodes = [n for n in onnx.load(str(p)).graph.node if n.op_type == "MatMulNBits"]
+        return {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes}
+
+    def head_node(lv: dict[str, int]) -> str:
+        (name,) = [n for n in lv if "qlinear_wa" not in n]  # the exporter names nodes after the ops
+        return name
+
+    written = levels(path)
+    head = head_node(written)
+    assert len(written) == 2 * 4 + 1  # per layer q/k/v and gate/up packed, o, down; plus the head
+    assert written[head] == 4 and {v for n, v in written.items() if n != head} == {1}
+    assert set_accuracy_level(path, tmp_path / "l1.onnx", 1) == 1
+    assert set(levels(tmp_path / "l1.onnx").values()) == {1}
+    assert set_accuracy_level(tmp_path / "l1.onnx", tmp_path / "l4.onnx", 4) == 1
+    assert levels(tmp_path / "l4.onnx") == written

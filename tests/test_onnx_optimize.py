@@ -21,6 +21,7 @@ from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, ex
 from qcompile.backends.onnx.optimize import (
     PAST_LENGTH_INPUT,
     OnnxOptimizeError,
+    collapse_reshapes,
     fuse_rotary,
     fuse_skip_rms_norm,
     pack_projections,
@@ -314,6 +315,58 @@ def test_share_kv_buffer_splices_the_length_into_wider_shape_reads():
     assert shape.tolist() == [2, 3, 6, 4]
 
 
+def _reshape_chain(outer_shape: list[int], allowzero: int, extra_reader: bool = False):
+    """x [2, 3, 4] → Reshape [0, 0, 2, 2] → Identity → Reshape outer_shape (→ y), optionally with the
+    inner reshape also read by a Neg (→ z)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array([0, 0, 2, 2], np.int64), "inner_shape"),
+        numpy_helper.from_array(np.array(outer_shape, np.int64), "outer_shape"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "inner_shape"], ["r1"]),
+        helper.make_node("Identity", ["r1"], ["r1_id"]),
+        helper.make_node("Reshape", ["r1_id", "outer_shape"], ["y"], allowzero=allowzero),
+    ]
+    y_shape = [6, 4] if len(outer_shape) == 2 else [2, 3, 4]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["r1"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 2, 2]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    graph = helper.make_graph(nodes, "g", [x], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize(
+    ("outer", "allowzero", "extra", "collapsed"),
+    [
+        ([2, 3, -1], 1, False, True),  # the attention output's round trip
+        ([6, 4], 0, False, True),  # constant shape without zeros
+        ([0, 3, 4], 0, False, False),  # a 0 copies a dim of the inner reshape: not the same
+        ([2, 3, -1], 1, True, False),  # the inner reshape is read elsewhere
+    ],
+)
+def test_collapse_reshapes(outer, allowzero, extra, collapsed):
+    import onnxruntime as ort
+
+    model = _reshape_chain(outer, allowzero, extra)
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+
+    def run(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})
+
+    before = run(model)
+    assert collapse_reshapes(model) == int(collapsed)
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Reshape") == (1 if collapsed else 2)
+    for a, b in zip(before, run(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.real
 def test_smollm2_decode_step_with_every_rewrite(smollm2, tmp_path):
     """The packaged SmolLM2's FP32 decode step with every rewrite (30 layers: packed projections,
@@ -327,6 +380,7 @@ def test_smollm2_decode_step_with_every_rewrite(smollm2, tmp_path):
     assert "61 RMSNorms" in rewrites and "shared KV buffer" in rewrites
     assert "60 residual Add + RMSNorm" in rewrites
     assert "packed q/k/v into 30 GroupQueryAttention" in rewrites
+    assert "30 reshape chains collapsed" in rewrites
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     layout = exp.qgraph.info["decoder"]
     ref, past = exp.qgraph(ids, layout.empty(1))

@@ -191,3 +191,13 @@ def test_shipped_recipes_validate() -> None:
         assert recipe.description, f"{name}.toml: add a description"
         recipe.build_passes()
     assert load_recipe("fp").pass_names() == ["analyze"]
+
+
+def test_appended_recipe_is_validated_and_renamed() -> None:
+    base = load_recipe("w4a16-rtn")
+    kv = base.appended("quantize_kv", {"bits": 8}, suffix="+kv8")
+    assert kv.name == "w4a16-rtn+kv8" and kv.pass_names() == [*base.pass_names(), "quantize_kv"]
+    assert kv.needs_calibration() and not base.needs_calibration()
+    assert base.pass_names()[-1] == "quantize"  # the original is untouched
+    with pytest.raises(RecipeError, match="bits"):
+        base.appended("quantize_kv", {"bits": 4})

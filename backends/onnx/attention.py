@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -70,9 +71,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile import meta as qmeta
-from qcompile import patterns
+from qcompile import ops, patterns
 from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassResult
+from qcompile.pass_base import Pass, PassContext, PassError, PassResult
+from qcompile.quantizers import dequantize_ref, quantize_ref
 
 aten = torch.ops.aten
 
@@ -97,6 +99,16 @@ def causal_mask(seq: int, total: int, device: torch.device | None = None) -> Ten
     return (kv_pos[None, :] <= q_pos[:, None])[None, None]
 
 
+def _attend(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """``softmax(q·Kᵀ·scale + causal mask)·V`` over the whole cache, in transformers' ATen ops."""
+    n_rep = q.shape[1] // keys.shape[1]
+    mask = causal_mask(q.shape[-2], keys.shape[-2], q.device)
+    out = F.scaled_dot_product_attention(
+        q, _repeat_kv(keys, n_rep), _repeat_kv(values, n_rep), attn_mask=mask, scale=scale
+    )
+    return _heads_inner(out)
+
+
 @torch.library.custom_op(
     "qcompile::gqa_attention",
     mutates_args=(),
@@ -109,12 +121,42 @@ def gqa_attention(
     """Causal grouped-query attention over ``past ++ new``; returns ``(out, present_k, present_v)``."""
     present_k = torch.cat([past_k, k_new], dim=-2)
     present_v = torch.cat([past_v, v_new], dim=-2)
-    n_rep = q.shape[1] // present_k.shape[1]
-    mask = causal_mask(q.shape[-2], present_k.shape[-2], q.device)
-    out = F.scaled_dot_product_attention(
-        q, _repeat_kv(present_k, n_rep), _repeat_kv(present_v, n_rep), attn_mask=mask, scale=scale
-    )
-    return _heads_inner(out), present_k, present_v
+    return _attend(q, present_k, present_v, scale), present_k, present_v
+
+
+@torch.library.custom_op(
+    "qcompile::gqa_attention_int8kv",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k_new, Tensor v_new, Tensor past_k, Tensor past_v, Tensor k_scale, "
+    "Tensor v_scale, float scale) -> (Tensor, Tensor, Tensor)",
+)
+def gqa_attention_int8kv(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    k_scale: Tensor,
+    v_scale: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gqa_attention` over an int8 cache: the new keys/values are quantized per channel
+    (``k_scale`` / ``v_scale`` ``[1, KV, 1, D]``, symmetric, [-128, 127]) and appended to the int8
+    ``past``; attention reads the whole cache dequantized. The same numbers as the unfused graph's
+    ``dequantize(quantize(k_new))`` before ``cat([past, ·])`` when that past holds ``past_k · k_scale``
+    (:mod:`qcompile.passes.quantize_kv`)."""
+    present_k = torch.cat([past_k, _quantize_cache(k_new, k_scale)], dim=-2)
+    present_v = torch.cat([past_v, _quantize_cache(v_new, v_scale)], dim=-2)
+    keys, values = _dequantize_cache(present_k, k_scale), _dequantize_cache(present_v, v_scale)
+    return _attend(q, keys, values, scale), present_k, present_v
+
+
+def _quantize_cache(x: Tensor, scale: Tensor) -> Tensor:
+    return quantize_ref(x, scale, torch.zeros_like(scale, dtype=torch.int8), -128, 127, 0)
+
+
+def _dequantize_cache(q: Tensor, scale: Tensor) -> Tensor:
+    return dequantize_ref(q, scale, torch.zeros_like(scale, dtype=torch.int8), 0)
 
 
 def _heads_inner(out: Tensor) -> Tensor:
@@ -144,8 +186,27 @@ def _gqa_attention_fake(
     return out, present_k, present_v
 
 
-# The OpOverload the lowering inserts and the exporter translates (never compared as a string).
+@gqa_attention_int8kv.register_fake
+def _gqa_attention_int8kv_fake(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    k_scale: Tensor,
+    v_scale: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    torch._check(
+        past_k.dtype == torch.int8 and past_v.dtype == torch.int8,
+        lambda: "qcompile::gqa_attention_int8kv: the past cache must be int8",
+    )
+    return _gqa_attention_fake(q, k_new, v_new, past_k, past_v, scale)
+
+
+# The OpOverloads the lowering inserts and the exporter translates (never compared as strings).
 GQA_ATTENTION = torch.ops.qcompile.gqa_attention.default
+GQA_ATTENTION_INT8KV = torch.ops.qcompile.gqa_attention_int8kv.default
 
 
 # ---- matching: what a decode step's attention core looks like in ATen -------------------------------
@@ -188,6 +249,10 @@ class AttentionCore:
     num_heads: int
     kv_heads: int
     internal: frozenset[fx.Node]
+    # int8 cache (quantize_kv): the per-channel scale constants [1, KV, 1, D]; new_key / new_value
+    # are then the float tensors *before* their quantize → dequantize
+    key_scale: fx.Node | None = None
+    value_scale: fx.Node | None = None
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -345,9 +410,37 @@ def _check_causal_mask(mask: Any, query: fx.Node, key_len: Any, cache_lens: list
         raise NoMatch(f"mask `{le.name}`: its past length {past} is not a cache length of this graph")
 
 
-def match_attention_core(sdpa: fx.Node, cache_lens: list[Any]) -> AttentionCore:
+def _cache_quantizer(
+    node: fx.Node, constant: Callable[[fx.Node], Tensor] | None
+) -> tuple[fx.Node, fx.Node | None]:
+    """``(x, scale)`` when ``node`` is ``dequantize(quantize(x, s, 0, -128, 127), s, 0)`` with constant
+    per-channel ``s`` ``[1, KV, 1, D]`` — the int8 cache entry ``quantize_kv`` writes and
+    GroupQueryAttention stores; ``(node, None)`` when it is not quantized at all."""
+    if not patterns.is_op(node, {ops.DEQUANTIZE}):
+        return node, None
+    q, s, z, group = node.args
+    why = None
+    if not patterns.is_op(q, {ops.QUANTIZE}) or q.args[1:] != (s, z, -128, 127, 0) or group != 0:
+        why = "not an int8 quantize → dequantize pair"
+    elif constant is None or not (patterns.is_constant(s) and patterns.is_constant(z)):
+        why = "its scale / zero point are not constants (a static scale is needed)"
+    else:
+        shape = tuple(constant(s).shape)
+        if len(shape) != 4 or shape[0] != 1 or shape[2] != 1 or bool(constant(z).any()):
+            why = f"not symmetric per channel (scale {shape}, want [1, KV, 1, D] with zero points 0)"
+    if why is not None:
+        raise NoMatch(
+            f"the cache entry `{node.name}` is quantized, but {why}: GroupQueryAttention cannot store it"
+        )
+    return q.args[0], s
+
+
+def match_attention_core(
+    sdpa: fx.Node, cache_lens: list[Any], constant: Callable[[fx.Node], Tensor] | None = None
+) -> AttentionCore:
     """Match one sdpa; raises :class:`NoMatch` with the reason when it is not a fusable core.
-    ``cache_lens`` are the past lengths of the graph's cache inputs (dim 2 of 4-D placeholders)."""
+    ``cache_lens`` are the past lengths of the graph's cache inputs (dim 2 of 4-D placeholders);
+    ``constant`` reads a ``get_attr`` node's tensor (to recognise an int8 cache's scales)."""
     if sdpa.target is not _SDPA:
         raise NoMatch(f"{sdpa.target} is not aten.scaled_dot_product_attention.default")
     query, key, value = sdpa.args[:3]
@@ -361,6 +454,12 @@ def match_attention_core(sdpa: fx.Node, cache_lens: list[Any]) -> AttentionCore:
     v_src, v_rep, v_chain = _strip_repeat_kv(value)
     key_cat, past_key, new_key = _match_cache_concat(k_src, "key")
     value_cat, past_value, new_value = _match_cache_concat(v_src, "value")
+    new_key, key_scale = _cache_quantizer(new_key, constant)
+    new_value, value_scale = _cache_quantizer(new_value, constant)
+    if (key_scale is None) != (value_scale is None):
+        raise NoMatch("only one of keys / values is quantized; GroupQueryAttention stores both or neither")
+    if key_scale is not None and not all(p.op == "placeholder" for p in (past_key, past_value)):
+        raise NoMatch("an int8 cache needs the past keys / values to be graph inputs (they become int8)")
     q_shape, k_shape, cache_shape = _shape(query), _shape(new_key), _shape(key_cat)
     if len(q_shape) != 4 or not isinstance(q_shape[1], int) or not isinstance(q_shape[3], int):
         raise NoMatch(f"query `{query.name}` {q_shape} is not [B, H, S, D] with static H and D")
@@ -392,6 +491,8 @@ def match_attention_core(sdpa: fx.Node, cache_lens: list[Any]) -> AttentionCore:
         heads,
         kv_heads,
         frozenset(k_chain | v_chain),
+        key_scale,
+        value_scale,
     )
 
 
@@ -407,6 +508,7 @@ class AttentionFusion:
     reason: str = ""  # why it was left alone
     heads: int = 0
     kv_heads: int = 0
+    int8_cache: bool = False  # lowered to gqa_attention_int8kv (the past/present become int8)
 
 
 @dataclass
@@ -425,6 +527,11 @@ class FuseAttentionReport:
     def unfused(self) -> list[AttentionFusion]:
         return [r for r in self.rows if not r.fused]
 
+    @property
+    def int8_cache(self) -> bool:
+        """Every fused layer stores its cache in int8 (the file's past/present are int8)."""
+        return bool(self.fused) and all(r.int8_cache for r in self.fused)
+
     def summary(self) -> str:
         head = (
             f"fuse_attention: {len(self.fused)}/{len(self.rows)} attention cores → qcompile::gqa_attention; "
@@ -433,6 +540,8 @@ class FuseAttentionReport:
         if self.fused:
             r = self.fused[0]
             head += f" ({r.heads} heads over {r.kv_heads} kv heads)"
+            if self.int8_cache:
+                head += "; int8 KV cache (per-channel scales)"
         return "\n".join([head] + [f"  left as is: {r.node}: {r.reason}" for r in self.unfused])
 
 
@@ -456,12 +565,19 @@ class FuseAttentionPass(Pass):
         for sdpa in [n for n in graph.nodes if patterns.is_op(n, patterns.SDPA_OPS)]:
             where = qgraph.display_name(sdpa)
             try:
-                core = match_attention_core(sdpa, cache_lens)
-                _rewrite(graph, core)
+                core = match_attention_core(sdpa, cache_lens, qgraph.get_constant)
+                _rewrite(qgraph, core)
             except NoMatch as exc:
                 report.rows.append(AttentionFusion(where, False, str(exc)))
                 continue
-            report.rows.append(AttentionFusion(where, True, heads=core.num_heads, kv_heads=core.kv_heads))
+            int8 = core.key_scale is not None
+            report.rows.append(AttentionFusion(where, True, "", core.num_heads, core.kv_heads, int8))
+        if any(r.int8_cache for r in report.fused) and not report.int8_cache:
+            raise PassError(
+                self.name,
+                "some layers' KV cache is int8 and others' float; a decode step has one cache dtype "
+                "(quantize every layer's cache with quantize_kv, or none)",
+            )
         if report.fused:
             graph.eliminate_dead_code()  # the masks, repeat_kv copies and cache concats
             qgraph.recompile()
@@ -470,11 +586,13 @@ class FuseAttentionPass(Pass):
         return PassResult(qgraph, changed=bool(report.fused), report=asdict(report), summary=report.summary())
 
 
-def _rewrite(graph: fx.Graph, core: AttentionCore) -> None:
-    """Insert ``gqa_attention`` after the last of its inputs and route the sdpa's and the cache
-    concats' outside users (the graph outputs ``present.*``) to its results."""
+def _rewrite(qgraph: QGraph, core: AttentionCore) -> None:
+    """Insert ``gqa_attention`` (``gqa_attention_int8kv`` for an int8 cache, whose past inputs become
+    int8) after the last of its inputs and route the sdpa's and the cache concats' outside users (the
+    graph outputs ``present.*``) to its results."""
+    graph = qgraph.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = (core.query, core.new_key, core.new_value, core.past_key, core.past_value)
+    inputs: tuple = (core.query, core.new_key, core.new_value, core.past_key, core.past_value)
     anchor = max(inputs, key=order.__getitem__)
     replaced = ((core.sdpa, 0), (core.key_cat, 1), (core.value_cat, 2))
     core_nodes = core.internal | {core.sdpa}
@@ -484,9 +602,17 @@ def _rewrite(graph: fx.Graph, core: AttentionCore) -> None:
             raise NoMatch(
                 f"`{node.name}` is used by {early} before `{anchor.name}`, where the fused op must go"
             )
-    with graph.inserting_after(anchor):
-        fused = graph.call_function(GQA_ATTENTION, (*inputs, core.scale))
-    fused.meta["val"] = tuple(_val(n) for n, _ in replaced)
+    if core.key_scale is None:
+        with graph.inserting_after(anchor):
+            fused = graph.call_function(GQA_ATTENTION, (*inputs, core.scale))
+        fused.meta["val"] = tuple(_val(n) for n, _ in replaced)
+    else:
+        with qgraph.fake_mode():
+            for past in (core.past_key, core.past_value):
+                if _val(past).dtype != torch.int8:
+                    past.meta["val"] = torch.empty_like(_val(past), dtype=torch.int8)
+        args = (*inputs, core.key_scale, core.value_scale, core.scale)
+        fused = qgraph.insert_call(GQA_ATTENTION_INT8KV, args, anchor.next, like=core.sdpa)
     fused.meta[qmeta.NAMESPACE] = dict(qmeta.get(core.sdpa))
     for key in ("stack_trace", "nn_module_stack"):
         if key in core.sdpa.meta:
@@ -495,10 +621,22 @@ def _rewrite(graph: fx.Graph, core: AttentionCore) -> None:
     for node, index in replaced:
         with graph.inserting_after(anchor):
             item = graph.call_function(operator.getitem, (fused, index))
-        item.meta["val"] = _val(node)
+        item.meta["val"] = fused.meta["val"][index]
         anchor = item
         node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in core_nodes)
     graph.erase_node(core.sdpa)  # explicitly: FX counts sdpa as impure (its dropout), so DCE keeps it
+
+
+def int8_cache_scales(qgraph: QGraph) -> dict[str, Tensor]:
+    """For a graph lowered with an int8 cache: each past input (placeholder name) → its per-channel
+    scale ``[1, KV, 1, D]`` (``present = past`` on that grid; dequantized ``q · scale``)."""
+    scales = {}
+    for node in qgraph.graph.nodes:
+        if patterns.is_op(node, {GQA_ATTENTION_INT8KV}):
+            past_k, past_v, k_scale, v_scale = node.args[3:7]
+            scales[past_k.name] = qgraph.get_constant(k_scale)
+            scales[past_v.name] = qgraph.get_constant(v_scale)
+    return scales
 
 
 def fuse_attention(qgraph: QGraph) -> FuseAttentionReport:
@@ -521,8 +659,24 @@ def _static_dim(value: Any, axis: int, what: str) -> int:
     return dim
 
 
+def gqa_attention_int8kv_onnx(
+    q: Any, k_new: Any, v_new: Any, past_k: Any, past_v: Any, k_scale: Any, v_scale: Any, scale: float
+) -> tuple[Any, Any, Any]:
+    """``qcompile::gqa_attention_int8kv`` → ``GroupQueryAttention`` over an int8 cache
+    (``k_quant_type = v_quant_type = "PER_CHANNEL"``, ``kv_cache_bit_width = 8``, scales ``[KV·D]``):
+    ORT quantizes the new rows with ``clamp(rint(x / s), -128, 127)`` and attends over the whole cache
+    dequantized — checked against the op's reference, tests/test_onnx_kv_cache.py."""
+    return gqa_attention_onnx(q, k_new, v_new, past_k, past_v, scale, (k_scale, v_scale))
+
+
 def gqa_attention_onnx(
-    q: Any, k_new: Any, v_new: Any, past_k: Any, past_v: Any, scale: float
+    q: Any,
+    k_new: Any,
+    v_new: Any,
+    past_k: Any,
+    past_v: Any,
+    scale: float,
+    cache_scales: tuple[Any, Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """``qcompile::gqa_attention`` → ``com.microsoft.GroupQueryAttention``.
 
@@ -551,7 +705,12 @@ def gqa_attention_onnx(
     seqlens_k = op.Cast(op.Tile(op.Sub(total, op.Constant(value_ints=[1])), batch), to=int32)  # [B]
     query_seqlens = op.Cast(op.Tile(seq, batch), to=int32)  # [B]
     total_len = op.Cast(op.Squeeze(total), to=int32)  # scalar
-    unused = [None] * 9  # cos_cache … k_norm_weight
+    optional = [None] * 9  # cos_cache … k_norm_weight
+    attrs: dict[str, Any] = {}
+    if cache_scales is not None:  # inputs 12 and 13: per-channel scales, flat [KV·D]
+        flat = op.Constant(value_ints=[-1])
+        optional[5:7] = [op.Reshape(cache_scales[0], flat), op.Reshape(cache_scales[1], flat)]
+        attrs = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
     out, present_k, present_v = contrib.GroupQueryAttention(
         to_bsh(q, heads),
         to_bsh(k_new, kv_heads),
@@ -560,11 +719,12 @@ def gqa_attention_onnx(
         past_v,
         seqlens_k,
         total_len,
-        *unused,
+        *optional,
         query_seqlens,
         num_heads=heads,
         kv_num_heads=kv_heads,
         scale=float(scale),
+        **attrs,
     )
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
     return out, present_k, present_v

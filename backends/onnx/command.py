@@ -16,6 +16,7 @@ import torch
 from qcompile.backends.onnx.decoder_export import export_decoder
 from qcompile.backends.onnx.export import ExportOptions, ExportReport, export_onnx
 from qcompile.backends.onnx.head import HeadQuantOptions, format_head_report, quantize_head
+from qcompile.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ExportCommand:
     prefill_only: bool = False
     calib_windows: int = 32
     calib_len: int = 512
+    kv_cache_bits: int | None = None  # 8: append quantize_kv (int8 KV cache) unless the recipe has it
     fuse_attention: bool = True  # decode step: one GroupQueryAttention per layer (see .attention)
     ort_rewrites: bool = True  # packed projections, fusable RMSNorm, shared KV buffer (see .optimize)
 
@@ -53,11 +55,18 @@ def load_causal_lm(name: str) -> tuple[torch.nn.Module, Any]:
     raise SystemExit(f"qcompile export-onnx: unknown model {name!r}; choose smollm2 or tiny-llama")
 
 
-def _calibration(cmd: ExportCommand, tokenizer: Any) -> list[torch.Tensor] | None:
-    from qcompile.data import calibration_windows
-    from qcompile.recipe import load_recipe
+def _recipe(cmd: ExportCommand) -> Recipe:
+    """The recipe to run: ``cmd.recipe``, with ``quantize_kv`` appended for ``--kv-cache-bits``."""
+    recipe = load_recipe(cmd.recipe)
+    if cmd.kv_cache_bits is None or "quantize_kv" in recipe.pass_names():
+        return recipe
+    return recipe.appended("quantize_kv", {"bits": cmd.kv_cache_bits}, suffix=f"+kv{cmd.kv_cache_bits}")
 
-    if "calibrate" not in load_recipe(cmd.recipe).pass_names():
+
+def _calibration(recipe: Recipe, cmd: ExportCommand, tokenizer: Any) -> list[torch.Tensor] | None:
+    from qcompile.data import calibration_windows
+
+    if not recipe.needs_calibration():
         return None
     return calibration_windows(tokenizer, cmd.calib_windows, cmd.calib_len)
 
@@ -65,7 +74,8 @@ def _calibration(cmd: ExportCommand, tokenizer: Any) -> list[torch.Tensor] | Non
 def run_export(cmd: ExportCommand) -> tuple[ExportReport, str]:
     """Export as ``cmd`` says; returns the report and the quantization summary."""
     model, tok = load_causal_lm(cmd.model)
-    calibration = _calibration(cmd, tok)
+    recipe = _recipe(cmd)
+    calibration = _calibration(recipe, cmd, tok)
     options = ExportOptions(
         accuracy_level=cmd.accuracy_level,
         int4_format=cmd.int4_format,
@@ -74,14 +84,14 @@ def run_export(cmd: ExportCommand) -> tuple[ExportReport, str]:
     Path(cmd.out).parent.mkdir(parents=True, exist_ok=True)
     if not cmd.prefill_only:
         exp = export_decoder(
-            model, cmd.out, recipe=cmd.recipe, calibration=calibration, options=options, head=cmd.head()
+            model, cmd.out, recipe=recipe, calibration=calibration, options=options, head=cmd.head()
         )
         return exp.report, exp.quantize_summary
     import qcompile
 
     example = (tok("qcompile exports this sentence.", return_tensors="pt")["input_ids"].repeat(2, 1),)
     batches = [(w,) for w in calibration] if calibration is not None else None
-    qm = qcompile.quantize(model, cmd.recipe, calibration=batches, example_inputs=example, progress=False)
+    qm = qcompile.quantize(model, recipe, calibration=batches, example_inputs=example, progress=False)
     summary = qm.summary()
     if cmd.head() is not None:
         summary += "\n" + format_head_report(quantize_head(qm.qgraph, cmd.head()))

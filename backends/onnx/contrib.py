@@ -113,7 +113,7 @@ GROUP_QUERY_ATTENTION_SCHEMA = OpSchema(
     outputs=[_param("output", "T"), _param("present_key", "T_CACHE"), _param("present_value", "T_CACHE")],
     type_constraints=[
         ("T", _FLOATS, "activations"),
-        ("T_CACHE", _FLOATS, "KV cache (unquantized)"),
+        ("T_CACHE", [*_FLOATS, "tensor(int8)"], "KV cache (int8 with k_quant_type / v_quant_type)"),
         ("T_KV_SCALE", ["tensor(float)"], "KV cache scales"),
         ("M", ["tensor(int32)"], "lengths"),
     ],
@@ -121,6 +121,10 @@ GROUP_QUERY_ATTENTION_SCHEMA = OpSchema(
         _int_attr("num_heads"),
         _int_attr("kv_num_heads"),
         OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
+        # int8 cache: "PER_CHANNEL" scales [KV·D] in k_scale / v_scale, kv_cache_bit_width 8
+        OpSchema.Attribute("k_quant_type", OpSchema.AttrType.STRING, required=False),
+        OpSchema.Attribute("v_quant_type", OpSchema.AttrType.STRING, required=False),
+        _int_attr("kv_cache_bit_width", required=False),
     ],
 )
 

@@ -26,7 +26,8 @@ from qcompile.ir import QGraph
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shape facts of the KV cache: per layer a key and a value ``[batch, kv_heads, past, head_dim]``."""
+    """Shape facts of the KV cache: per layer a key and a value ``[batch, kv_heads, past, head_dim]``
+    (``dtype`` int8 for a file whose cache is quantized, :mod:`qcompile.passes.quantize_kv`)."""
 
     num_layers: int
     num_kv_heads: int
@@ -97,7 +98,16 @@ def example_decoder_inputs(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     shape = (batch, layout.num_kv_heads, past, layout.head_dim)
-    kv = tuple(torch.randn(shape, generator=gen, dtype=layout.dtype) for _ in range(2 * layout.num_layers))
+    if layout.dtype.is_floating_point:
+        kv = tuple(
+            torch.randn(shape, generator=gen, dtype=layout.dtype) for _ in range(2 * layout.num_layers)
+        )
+    else:  # an integer (int8) cache
+        info = torch.iinfo(layout.dtype)
+        kv = tuple(
+            torch.randint(info.min, info.max + 1, shape, generator=gen, dtype=layout.dtype)
+            for _ in range(2 * layout.num_layers)
+        )
     return ids, kv
 
 

@@ -18,9 +18,15 @@ from typing import Any
 
 import torch
 
-from qcompile.backends.onnx.attention import FuseAttentionReport, fuse_attention
+from qcompile.backends.onnx.attention import FuseAttentionReport, fuse_attention, int8_cache_scales
 from qcompile.backends.onnx.decoder import capture_decoder, example_decoder_inputs
-from qcompile.backends.onnx.export import ExportOptions, ExportReport, OnnxExportError, export_onnx
+from qcompile.backends.onnx.export import (
+    ExportOptions,
+    ExportReport,
+    OnnxExportError,
+    export_onnx,
+    quantized_activation,
+)
 from qcompile.backends.onnx.head import HeadQuantOptions, format_head_report, quantize_head
 from qcompile.ir import QGraph
 
@@ -80,27 +86,34 @@ def export_decoder(
         dim_names={(0, 0): "batch", (0, 1): "sequence", (1, 2): "past_sequence"},
         dynamic_shapes=layout.dynamic_shapes(),
     )
-    exported, attention = qg, None
+    exported, attention, cache_scales = qg, None, None
+    file_layout = layout
     if opts.fuse_attention:  # after quantization: the recipe sees the graph it was written for
         exported = qg.copy()
         attention = fuse_attention(exported)
         summary += "\n" + attention.summary()
+        if attention.int8_cache:  # quantize_kv: the file's past/present are int8
+            file_layout = replace(layout, dtype=torch.int8)
+            by_name = int8_cache_scales(exported)
+            names = [n.name for n in exported.graph.nodes if n.op == "placeholder"][1:]
+            cache_scales = [by_name[n] for n in names]
     positions = getattr(model.config, "max_position_embeddings", None)
     report = export_onnx(
         exported,
-        example_decoder_inputs(layout),
+        example_decoder_inputs(file_layout),
         path,
         options=opts,
         decode_step=True,
         max_positions=positions,
     )
     if opts.verify:
-        error = verify_decoder_file(path, qg)
+        error = verify_decoder_file(path, qg, cache_scales=cache_scales)
         report.verification = (
             f"verified: ORT (accuracy level 1) vs the reference QGraph, max relative L2 error {error:.1e} "
             "over logits and caches (batch 2, 3 new tokens after 4 cached)"
         )
-        float_acts = not any("-a" in lin.scheme and "-a16" not in lin.scheme for lin in report.linears)
+        float_acts = not any(quantized_activation(lin.scheme) for lin in report.linears)
+        float_acts = float_acts and cache_scales is None  # an int8 cache quantizes activations too
         if error > VERIFY_LIMIT and float_acts:  # quantized activations on random inputs: report only
             raise OnnxExportError(
                 f"export_decoder: the written file {path} disagrees with the reference QGraph (max relative "
@@ -116,11 +129,20 @@ def export_decoder(
 VERIFY_LIMIT = 1e-3
 
 
-def verify_decoder_file(path: str | os.PathLike, qgraph: QGraph, seed: int = 0) -> float:
+def verify_decoder_file(
+    path: str | os.PathLike,
+    qgraph: QGraph,
+    seed: int = 0,
+    cache_scales: Sequence[torch.Tensor] | None = None,
+) -> float:
     """Run the written decode step in ORT with MatMulNBits at accuracy level 1 (fp32 activations, the
     reference's semantics) and the reference QGraph on the same random inputs — batch 2, 3 new tokens
     after a random 4-position cache — and return the largest relative L2 error over the logits and
-    every present tensor. Float-activation files agree to ~1e-6; quantized activations to ~1e-2."""
+    every present tensor. Float-activation files agree to ~1e-6; quantized activations to ~1e-2.
+
+    ``cache_scales`` (one per cache input, for a file with an int8 cache): the file gets random int8
+    past values, the reference their dequantized ``q · scale``, and ORT's int8 present is compared
+    dequantized."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -137,13 +159,19 @@ def verify_decoder_file(path: str | os.PathLike, qgraph: QGraph, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed)
     ids, past = example_decoder_inputs(layout, batch=2, past=4, seq=3, vocab=256)
     past = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in past)
+    file_past = past
+    if cache_scales is not None:  # int8 cache: the reference reads what the int8 values stand for
+        file_past = tuple(torch.randint(-128, 128, p.shape, generator=gen, dtype=torch.int8) for p in past)
+        past = tuple((q * s).to(p.dtype) for q, s, p in zip(file_past, cache_scales, past, strict=True))
     with torch.no_grad():
         ref_logits, ref_present = qgraph(ids, past)
     feeds = {"input_ids": ids.numpy()}
-    feeds.update((name, p.numpy()) for name, p in zip(layout.input_names()[1:], past, strict=True))
+    feeds.update((name, p.numpy()) for name, p in zip(layout.input_names()[1:], file_past, strict=True))
     if any(i.name == "past_sequence_length" for i in session.get_inputs()):
         feeds["past_sequence_length"] = np.array([past[0].shape[2]], dtype=np.int64)
     got = session.run(None, feeds)
+    if cache_scales is not None:
+        got = got[:1] + [q * s.numpy() for q, s in zip(got[1:], cache_scales, strict=True)]
     errors = []
     for want, have in zip([ref_logits, *ref_present], got, strict=True):
         want = want.numpy()

@@ -152,6 +152,8 @@ class ExportReport:
             )
         elif any(lin.kernel == "MatMulNBits" for lin in self.linears):
             note = "int8 activations in-kernel" if self.accuracy_level == 4 else "fp32 activations"
+            if any(quantized_activation(lin.scheme) for lin in self.linears):
+                note += "; level 1 where the recipe quantized the activation"
             lines.append(f"  MatMulNBits accuracy_level={self.accuracy_level} ({note})")
         for lin in self.linears[:8]:
             lines.append(f"    {lin.module or '?':<40} {lin.role:<8} {lin.scheme:<14} → {lin.kernel}")
@@ -183,6 +185,11 @@ class ExportReport:
 
         self.inputs = [(v.name, dims(v), dtype(v)) for v in model.graph.input]
         self.outputs = [(v.name, dims(v), dtype(v)) for v in model.graph.output]
+
+
+def quantized_activation(scheme: str) -> bool:
+    """A scheme string (:mod:`qcompile.qscheme`) whose activation part is quantized (not ``a16``)."""
+    return "-a" in scheme and not scheme.endswith("-a16")
 
 
 def _list_values(values: list[tuple[str, list[Any], str]], show: int = 3) -> str:
@@ -383,17 +390,41 @@ def _report(model: Any, graph: QGraph, path: Path, opts: ExportOptions, fold_sum
 
 
 def set_accuracy_level(src: str | os.PathLike, dst: str | os.PathLike, level: int) -> int:
-    """Copy an exported file with every MatMulNBits' ``accuracy_level`` set to ``level`` (choose speed
-    or exactness without re-exporting). Returns the number of nodes changed."""
+    """Copy an exported file with the ``accuracy_level`` of every weight-only MatMulNBits set to
+    ``level`` (choose speed or exactness without re-exporting); those that read an activation the
+    recipe quantized keep level 1 (see :func:`.translations.make_qlinear_wa`). Returns the number of
+    nodes set."""
     import onnx
 
     model = onnx.load(str(src))
+    producer = {o: n for n in model.graph.node for o in n.output}
     changed = 0
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MatMulNBits" and not _reads_dequantized_integers(node, producer):
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
             changed += 1
     onnx.save(model, str(dst))
     return changed
+
+
+def _reads_dequantized_integers(node: Any, producer: dict[str, Any]) -> bool:
+    """``node``'s input is ``Mul(Cast(q) [- Cast(zp)], scale)`` with ``q`` cast to int8 just before: an
+    activation the exported graph quantized (the ``quantize`` / ``dequantize`` translations)."""
+    import onnx
+
+    mul = producer.get(node.input[0])
+    if mul is None or mul.op_type != "Mul":
+        return False
+    for name in mul.input:
+        src = producer.get(name)
+        if src is not None and src.op_type == "Sub":
+            src = producer.get(src.input[0])
+        if src is None or src.op_type != "Cast":
+            continue
+        q = producer.get(src.input[0])
+        to = next((a.i for a in q.attribute if a.name == "to"), None) if q is not None else None
+        if q is not None and q.op_type == "Cast" and to in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            return True
+    return False

@@ -16,7 +16,9 @@ node's arguments (ONNX values for tensors, Python ints/bools for the rest) and e
 
 MatMulNBits' ``accuracy_level``: 0 or 1 keep the activation in fp32 (exactly W4A16's semantics); 4
 quantizes the activation to int8 per block inside the kernel (ORT's fast CPU path, with a small error
-of its own). The exporter chooses it (:class:`qcompile.backends.onnx.export.ExportOptions`).
+of its own). The exporter chooses it for weight-only linears
+(:class:`qcompile.backends.onnx.export.ExportOptions`); a linear whose activation the recipe already
+quantized (W4A8, W4A4) always gets level 1, so that activation is not rounded a second time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from onnxscript import opset21 as op
 
 from qcompile import ops
 from qcompile.backends.onnx import contrib
-from qcompile.backends.onnx.attention import GQA_ATTENTION, gqa_attention_onnx
+from qcompile.backends.onnx.attention import (
+    GQA_ATTENTION,
+    GQA_ATTENTION_INT8KV,
+    gqa_attention_int8kv_onnx,
+    gqa_attention_onnx,
+)
 from qcompile.hadamard import plan_from_op_args, sylvester_matrix
 from qcompile.hadamard_k import k_matrix
 from qcompile.hadamard_op import HADAMARD
@@ -158,8 +165,13 @@ def make_qlinear_w(accuracy_level: int) -> Callable[..., Any]:
 
 
 def make_qlinear_wa(accuracy_level: int) -> Callable[..., Any]:
-    """The ``qlinear_wa`` translation: an integer GEMM where the scheme allows one."""
-    qlinear_w = make_qlinear_w(accuracy_level)
+    """The ``qlinear_wa`` translation: an integer GEMM where the scheme allows one, else the activation
+    dequantized into a ``MatMulNBits`` at accuracy level 1 whatever ``accuracy_level`` says: the
+    activation is already on its 4- or 8-bit per-token grid, and level 4 would quantize it a second
+    time, to int8 per block of the weight's group (on SmolLM2's W4A4 recipes that second rounding
+    moved perplexity by ±1 %, against ≤ 0.3 % at level 1; BENCHMARKS.md)."""
+    del accuracy_level  # see the docstring
+    qlinear_w = make_qlinear_w(1)
 
     def qlinear_wa(
         xq: Any,
@@ -268,5 +280,6 @@ def translation_table(accuracy_level: int) -> dict[torch._ops.OpOverload, Callab
         QLINEAR_WA: make_qlinear_wa(accuracy_level),
         QEMBEDDING: qembedding,
         GQA_ATTENTION: gqa_attention_onnx,
+        GQA_ATTENTION_INT8KV: gqa_attention_int8kv_onnx,
         HADAMARD: hadamard,
     }
