@@ -10,7 +10,9 @@ context (the cache is random: speed does not depend on its values), batch 1 and 
 batch × steps / seconds. Files with a shared KV buffer run in place on a fixed-size cache
 (``OrtDecoder.step_inplace``, what ``generate`` does); plain files run the functional step. ORT CPU EP, ``intra_op_num_threads`` = ``--threads``. Median of ``--repeats``,
 the files timed interleaved (each repeat runs every file once) so that load changes on a shared
-machine hit every row alike.
+machine hit every row alike, with a 50 ms pause before each timed workload: ORT's idle worker
+threads spin-wait after a run, and without the pause the previous file's threads take cores from
+the next file's first steps, which a single-session deployment never sees.
 
 Accuracy: perplexity of the *reference* QGraph (torch) for each recipe on wiki.test.raw
 (``--ppl-windows`` × ``--ppl-seq-len``). The ONNX file reproduces the reference up to its kernels'
@@ -91,6 +93,7 @@ ROWS = {
 }
 DEFAULT_ROWS = ["fp", "w8a8", "w4a16", "w4a16-acc1", "w4a16-head", "w4a16-head8", "peer"]
 WORKLOADS = ("prefill", "b1", "b8")  # what a repeat times (``--workloads``)
+SETTLE_S = 0.05  # idle pause before each timed workload (see _Timer.run_once)
 CALIBRATION = (32, 512)  # windows x tokens of wiki.valid.tokens for recipes that calibrate (seed 0)
 _calibration_cache: dict = {}
 _references: dict = {}  # (recipe, head) -> the decode-step QGraph an export came from
@@ -172,6 +175,10 @@ class _Timer:
         ):
             if key not in workloads:
                 continue
+            # Let the previous session's intra-op threads stop spinning (ORT's workers spin-wait after
+            # a run before they sleep): with files interleaved they would otherwise take cores from
+            # the first steps timed here, which no single-session deployment sees.
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             if record:

@@ -29,7 +29,6 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-import torch
 import torch.fx as fx
 
 from qcompile import meta as qmeta
@@ -38,10 +37,12 @@ from qcompile.calibration import CalibrationError, LinearInputStats, calibrate
 from qcompile.ir import QGraph
 from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
 from qcompile.qscheme import qrange
-from qcompile.quantizers import dequantize_ref, quantize_ref, sqnr_db
+from qcompile.quantizers import dequantize_ref, quantize_ref, sqnr_db, symmetric_qparams
 from qcompile.structure import AttentionSite, Structure
 
-NO_CALIBRATION = "the cache's ranges are observed on calibration batches: pass calibration=... to qcompile.quantize"
+NO_CALIBRATION = (
+    "the cache's ranges are observed on calibration batches: pass calibration=... to qcompile.quantize"
+)
 KV_SCHEME = "kv8c"  # 8-bit, per channel (kv head × head dim), symmetric, static
 
 
@@ -151,15 +152,14 @@ class QuantizeKVPass(Pass):
         returns (SQNR dB, clipped fraction) on the calibration sample rows."""
         val = node.meta["val"]
         kv, d = int(val.shape[1]), int(val.shape[3])
-        absmax = stats.channel_absmax.to(torch.float32)
-        scale = torch.where(absmax > 0, absmax / ((qmax - qmin) / 2), torch.ones_like(absmax))
+        scale, zero = symmetric_qparams(stats.channel_absmax, qmin, qmax, val.dtype)  # absmax / 127.5
         scale = scale.to(val.dtype)
-        zero = torch.zeros_like(scale, dtype=torch.int8)
         readers = list(node.users)
         anchor = next(iter(qgraph.graph.nodes))  # constants go first, as the quantize pass puts them
         s_node = qgraph.add_constant(f"{node.name}_kv_scale", scale.view(1, kv, 1, d), before=anchor)
         z_node = qgraph.add_constant(f"{node.name}_kv_zero_point", zero.view(1, kv, 1, d), before=anchor)
-        first = min(readers, key=lambda u: list(qgraph.graph.nodes).index(u))
+        order = {n: i for i, n in enumerate(qgraph.graph.nodes)}
+        first = min(readers, key=order.__getitem__)
         try:
             q = qgraph.insert_call(ops.QUANTIZE, (node, s_node, z_node, qmin, qmax, 0), first, like=node)
             dq = qgraph.insert_call(ops.DEQUANTIZE, (q, s_node, z_node, 0), first, like=node)

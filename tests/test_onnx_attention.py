@@ -55,6 +55,11 @@ def test_lowering_fuses_every_layer_and_removes_the_decomposition(lowered, tiny_
     aten = torch.ops.aten
     assert targets.count(GQA_ATTENTION) == NUM_LAYERS
     assert not any(t in SDPA_OPS for t in targets)
+    # the transpose(1, 2) + view after attention went into the op: it returns [B, S, H·D]
+    for node in (n for n in graph.graph.nodes if n.target is GQA_ATTENTION):
+        assert node.args[-1] is True and len(node.meta["val"][0].shape) == 3
+    transposes = _targets(tiny_decoder).count(aten.transpose.int)
+    assert targets.count(aten.transpose.int) == transposes - NUM_LAYERS
     # dead mask construction, repeat_kv copies and cache concats are gone; RoPE keeps its own cats
     # and its arange of positions
     before = _targets(tiny_decoder)

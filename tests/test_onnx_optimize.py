@@ -380,7 +380,10 @@ def test_smollm2_decode_step_with_every_rewrite(smollm2, tmp_path):
     assert "61 RMSNorms" in rewrites and "shared KV buffer" in rewrites
     assert "60 residual Add + RMSNorm" in rewrites
     assert "packed q/k/v into 30 GroupQueryAttention" in rewrites
-    assert "30 reshape chains collapsed" in rewrites
+    # the attention output reaches o_proj as GroupQueryAttention writes it: no reshape round trip
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for gqa in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        assert {n.op_type for n in graph.node if gqa.output[0] in n.input} == {"MatMul"}
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     layout = exp.qgraph.info["decoder"]
     ref, past = exp.qgraph(ids, layout.empty(1))
@@ -392,3 +395,23 @@ def test_smollm2_decode_step_with_every_rewrite(smollm2, tmp_path):
         ref, past = exp.qgraph(nxt, past)
         errors.append(np.abs(dec.step_inplace(nxt.numpy(), cache) - ref.numpy()).max())
     assert max(errors) < 1e-3
+
+
+def test_chunked_prefill_generates_what_one_prefill_call_does(files):
+    """A prompt prefilled in chunks (``generate(prefill_chunk=k)``) leaves the cache and the greedy
+    continuation of a single prefill call (at rounding level: ORT's kernels tile 3 rows and 10 rows
+    differently; measured 1.2e-7 on a cache of magnitude 0.56)."""
+    _, full, _ = files
+    dec = OrtDecoder(full)
+    prompt = np.random.default_rng(7).integers(0, 256, (2, 10))
+    one = dec.generate(prompt, 5, prefill_chunk=None)
+    for chunk in (3, 4, 10, 64):
+        np.testing.assert_array_equal(dec.generate(prompt, 5, prefill_chunk=chunk), one)
+    whole, pieces = dec.new_cache(2, 10), dec.new_cache(2, 10)
+    dec.step_inplace(prompt, whole)
+    for start in range(0, 10, 3):
+        dec.step_inplace(prompt[:, start : start + 3], pieces)
+    for a, b in zip(whole.numpy(), pieces.numpy(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        dec.generate(prompt, 1, prefill_chunk=0)

@@ -10,7 +10,10 @@ ORT runs as a single kernel.
 The op (layout ``[batch, heads, seq, head_dim]``, as the captured graph has it)::
 
     qcompile::gqa_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor past_k, Tensor past_v,
-                            float scale) -> (Tensor out, Tensor present_k, Tensor present_v)
+                            float scale, bool merge_heads=False)
+        -> (Tensor out, Tensor present_k, Tensor present_v)
+    qcompile::gqa_attention_int8kv(q, k_new, v_new, past_k, past_v, Tensor k_scale, Tensor v_scale,
+                                   float scale, bool merge_heads=False) -> (out, present_k, present_v)
 
 - ``q`` ``[B, H, S, D]`` (after RoPE), ``k_new`` / ``v_new`` ``[B, KV, S, D]``, ``past_k`` /
   ``past_v`` ``[B, KV, P, D]`` (``P`` may be 0); ``H`` a multiple of ``KV`` (query head ``h`` reads
@@ -18,10 +21,15 @@ The op (layout ``[batch, heads, seq, head_dim]``, as the captured graph has it):
 - ``present_k = cat([past_k, k_new], -2)`` (the same for v), ``out`` = softmax(q·Kᵀ·scale + mask)·V
   with the *bottom-right aligned* causal mask: query ``i`` is at absolute position ``P + i`` and
   sees keys ``0 … P + i``. No padding mask: rows are unpadded and equally long (the decode step's
-  contract, :mod:`.decoder`).
+  contract, :mod:`.decoder`). ``out`` is ``[B, H, S, D]``, or ``[B, S, H·D]`` with ``merge_heads``
+  (the lowering sets it when the graph's ``transpose(1, 2)`` + ``view`` follow, and drops them);
+- the int8 variant (an int8 cache, :mod:`qcompile.passes.quantize_kv`): ``past_*`` / ``present_*``
+  are int8, the new rows quantized with the per-channel scales ``[1, KV, 1, D]``, attention over the
+  dequantized cache.
 
 The reference implementation runs the ATen ops it replaces (cat, repeat_kv, sdpa with that boolean
-mask), so a lowered graph reproduces the original numbers.
+mask; the quantize / dequantize of the cache entries), so a lowered graph reproduces the original
+numbers.
 
 :class:`FuseAttentionPass` (a ``lowering``) finds each ``scaled_dot_product_attention`` whose key and
 value are (the repeat_kv of) ``cat([past, new], -2)`` and whose mask is the causal ``le`` of key
@@ -99,36 +107,48 @@ def causal_mask(seq: int, total: int, device: torch.device | None = None) -> Ten
     return (kv_pos[None, :] <= q_pos[:, None])[None, None]
 
 
-def _attend(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
-    """``softmax(q·Kᵀ·scale + causal mask)·V`` over the whole cache, in transformers' ATen ops."""
+def _attend(q: Tensor, keys: Tensor, values: Tensor, scale: float, merge_heads: bool) -> Tensor:
+    """``softmax(q·Kᵀ·scale + causal mask)·V`` over the whole cache, in transformers' ATen ops;
+    ``[B, H, S, D]``, or ``[B, S, H·D]`` with ``merge_heads`` (what the graph's ``transpose(1, 2)``
+    and ``view`` after attention make of it — a view of the same memory, so the same numbers)."""
     n_rep = q.shape[1] // keys.shape[1]
     mask = causal_mask(q.shape[-2], keys.shape[-2], q.device)
     out = F.scaled_dot_product_attention(
         q, _repeat_kv(keys, n_rep), _repeat_kv(values, n_rep), attn_mask=mask, scale=scale
     )
+    if merge_heads:
+        b, h, s, d = out.shape
+        return out.transpose(1, 2).reshape(b, s, h * d)
     return _heads_inner(out)
 
 
 @torch.library.custom_op(
     "qcompile::gqa_attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k_new, Tensor v_new, Tensor past_k, Tensor past_v, float scale)"
-    " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor q, Tensor k_new, Tensor v_new, Tensor past_k, Tensor past_v, float scale, "
+    "bool merge_heads=False) -> (Tensor, Tensor, Tensor)",
 )
 def gqa_attention(
-    q: Tensor, k_new: Tensor, v_new: Tensor, past_k: Tensor, past_v: Tensor, scale: float
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    scale: float,
+    merge_heads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal grouped-query attention over ``past ++ new``; returns ``(out, present_k, present_v)``."""
+    """Causal grouped-query attention over ``past ++ new``; returns ``(out, present_k, present_v)``
+    (``out`` ``[B, S, H·D]`` with ``merge_heads``)."""
     present_k = torch.cat([past_k, k_new], dim=-2)
     present_v = torch.cat([past_v, v_new], dim=-2)
-    return _attend(q, present_k, present_v, scale), present_k, present_v
+    return _attend(q, present_k, present_v, scale, merge_heads), present_k, present_v
 
 
 @torch.library.custom_op(
     "qcompile::gqa_attention_int8kv",
     mutates_args=(),
     schema="(Tensor q, Tensor k_new, Tensor v_new, Tensor past_k, Tensor past_v, Tensor k_scale, "
-    "Tensor v_scale, float scale) -> (Tensor, Tensor, Tensor)",
+    "Tensor v_scale, float scale, bool merge_heads=False) -> (Tensor, Tensor, Tensor)",
 )
 def gqa_attention_int8kv(
     q: Tensor,
@@ -139,6 +159,7 @@ def gqa_attention_int8kv(
     k_scale: Tensor,
     v_scale: Tensor,
     scale: float,
+    merge_heads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`gqa_attention` over an int8 cache: the new keys/values are quantized per channel
     (``k_scale`` / ``v_scale`` ``[1, KV, 1, D]``, symmetric, [-128, 127]) and appended to the int8
@@ -148,7 +169,7 @@ def gqa_attention_int8kv(
     present_k = torch.cat([past_k, _quantize_cache(k_new, k_scale)], dim=-2)
     present_v = torch.cat([past_v, _quantize_cache(v_new, v_scale)], dim=-2)
     keys, values = _dequantize_cache(present_k, k_scale), _dequantize_cache(present_v, v_scale)
-    return _attend(q, keys, values, scale), present_k, present_v
+    return _attend(q, keys, values, scale, merge_heads), present_k, present_v
 
 
 def _quantize_cache(x: Tensor, scale: Tensor) -> Tensor:
@@ -168,7 +189,13 @@ def _heads_inner(out: Tensor) -> Tensor:
 
 @gqa_attention.register_fake
 def _gqa_attention_fake(
-    q: Tensor, k_new: Tensor, v_new: Tensor, past_k: Tensor, past_v: Tensor, scale: float
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    scale: float,
+    merge_heads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(
         q.dim() == 4 and k_new.dim() == 4 and past_k.dim() == 4,
@@ -182,6 +209,8 @@ def _gqa_attention_fake(
     present_k = past_k.new_empty((b, kv, past + k_new.shape[2], d))
     present_v = past_v.new_empty((b, past_v.shape[1], past_v.shape[2] + v_new.shape[2], past_v.shape[3]))
     b, h, s, _ = q.shape
+    if merge_heads:
+        return q.new_empty((b, s, h * v_new.shape[-1])), present_k, present_v
     out = q.new_empty((b, s, h, v_new.shape[-1])).transpose(1, 2)  # the layout of _heads_inner
     return out, present_k, present_v
 
@@ -196,12 +225,13 @@ def _gqa_attention_int8kv_fake(
     k_scale: Tensor,
     v_scale: Tensor,
     scale: float,
+    merge_heads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(
         past_k.dtype == torch.int8 and past_v.dtype == torch.int8,
         lambda: "qcompile::gqa_attention_int8kv: the past cache must be int8",
     )
-    return _gqa_attention_fake(q, k_new, v_new, past_k, past_v, scale)
+    return _gqa_attention_fake(q, k_new, v_new, past_k, past_v, scale, merge_heads)
 
 
 # The OpOverloads the lowering inserts and the exporter translates (never compared as strings).
@@ -586,16 +616,52 @@ class FuseAttentionPass(Pass):
         return PassResult(qgraph, changed=bool(report.fused), report=asdict(report), summary=report.summary())
 
 
+def _merged_heads(core: AttentionCore) -> list[fx.Node]:
+    """The graph's ``transpose(1, 2)`` and ``view(B, S, H·D)`` after the sdpa (with the no-op views and
+    copies transformers puts around them), when they are its only use: the op then returns ``[B, S,
+    H·D]`` itself (``merge_heads``) and ORT's kernel output needs no reshape round trip. Empty when
+    the pattern is not there."""
+    q_shape, v_shape = _shape(core.query), _shape(core.new_value)
+    out_shape = (q_shape[0], q_shape[1], q_shape[2], v_shape[3])
+    chain: list[fx.Node] = []
+    node, transposed = core.sdpa, False
+    copies = {aten.clone.default, aten.contiguous.default, aten.alias.default}
+    while len(node.users) == 1:
+        (node,) = node.users
+        shape = _shape(node)
+        if patterns.is_op(node, copies) or (
+            not transposed
+            and patterns.is_op(node, _RESHAPES)
+            and len(shape) == 4
+            and all(_same(a, b) for a, b in zip(shape, out_shape, strict=True))
+        ):
+            chain.append(node)  # a copy, or a view to the very shape it had
+        elif not transposed and patterns.is_op(node, {aten.transpose.int}):
+            if sorted(d % 4 for d in node.args[1:3]) != [1, 2]:
+                return []
+            chain.append(node)
+            transposed = True
+        elif transposed and patterns.is_op(node, _RESHAPES) and len(shape) == 3:
+            merged = shape[2] == q_shape[1] * v_shape[3]
+            same_rows = _same(shape[0], q_shape[0]) and _same(shape[1], q_shape[2])
+            return [*chain, node] if merged and same_rows else []
+        else:
+            return []
+    return []
+
+
 def _rewrite(qgraph: QGraph, core: AttentionCore) -> None:
     """Insert ``gqa_attention`` (``gqa_attention_int8kv`` for an int8 cache, whose past inputs become
-    int8) after the last of its inputs and route the sdpa's and the cache concats' outside users (the
-    graph outputs ``present.*``) to its results."""
+    int8) after the last of its inputs and route the sdpa's (or its merged-heads view's) and the cache
+    concats' outside users (the graph outputs ``present.*``) to its results."""
     graph = qgraph.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs: tuple = (core.query, core.new_key, core.new_value, core.past_key, core.past_value)
     anchor = max(inputs, key=order.__getitem__)
-    replaced = ((core.sdpa, 0), (core.key_cat, 1), (core.value_cat, 2))
-    core_nodes = core.internal | {core.sdpa}
+    merge = _merged_heads(core)
+    out = merge[-1] if merge else core.sdpa
+    replaced = ((out, 0), (core.key_cat, 1), (core.value_cat, 2))
+    core_nodes = core.internal | {core.sdpa, *merge}
     for node, _ in replaced:
         early = [u.name for u in node.users if u not in core_nodes and order[u] <= order[anchor]]
         if early:
@@ -603,16 +669,15 @@ def _rewrite(qgraph: QGraph, core: AttentionCore) -> None:
                 f"`{node.name}` is used by {early} before `{anchor.name}`, where the fused op must go"
             )
     if core.key_scale is None:
-        with graph.inserting_after(anchor):
-            fused = graph.call_function(GQA_ATTENTION, (*inputs, core.scale))
-        fused.meta["val"] = tuple(_val(n) for n, _ in replaced)
+        target, args = GQA_ATTENTION, (*inputs, core.scale, bool(merge))
     else:
         with qgraph.fake_mode():
             for past in (core.past_key, core.past_value):
                 if _val(past).dtype != torch.int8:
                     past.meta["val"] = torch.empty_like(_val(past), dtype=torch.int8)
-        args = (*inputs, core.key_scale, core.value_scale, core.scale)
-        fused = qgraph.insert_call(GQA_ATTENTION_INT8KV, args, anchor.next, like=core.sdpa)
+        target = GQA_ATTENTION_INT8KV
+        args = (*inputs, core.key_scale, core.value_scale, core.scale, bool(merge))
+    fused = qgraph.insert_call(target, args, anchor.next, like=core.sdpa)
     fused.meta[qmeta.NAMESPACE] = dict(qmeta.get(core.sdpa))
     for key in ("stack_trace", "nn_module_stack"):
         if key in core.sdpa.meta:
@@ -624,6 +689,8 @@ def _rewrite(qgraph: QGraph, core: AttentionCore) -> None:
         item.meta["val"] = fused.meta["val"][index]
         anchor = item
         node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in core_nodes)
+    for node in reversed(merge):
+        graph.erase_node(node)
     graph.erase_node(core.sdpa)  # explicitly: FX counts sdpa as impure (its dropout), so DCE keeps it
 
 
@@ -660,13 +727,21 @@ def _static_dim(value: Any, axis: int, what: str) -> int:
 
 
 def gqa_attention_int8kv_onnx(
-    q: Any, k_new: Any, v_new: Any, past_k: Any, past_v: Any, k_scale: Any, v_scale: Any, scale: float
+    q: Any,
+    k_new: Any,
+    v_new: Any,
+    past_k: Any,
+    past_v: Any,
+    k_scale: Any,
+    v_scale: Any,
+    scale: float,
+    merge_heads: bool = False,
 ) -> tuple[Any, Any, Any]:
     """``qcompile::gqa_attention_int8kv`` → ``GroupQueryAttention`` over an int8 cache
     (``k_quant_type = v_quant_type = "PER_CHANNEL"``, ``kv_cache_bit_width = 8``, scales ``[KV·D]``):
     ORT quantizes the new rows with ``clamp(rint(x / s), -128, 127)`` and attends over the whole cache
     dequantized — checked against the op's reference, tests/test_onnx_kv_cache.py."""
-    return gqa_attention_onnx(q, k_new, v_new, past_k, past_v, scale, (k_scale, v_scale))
+    return gqa_attention_onnx(q, k_new, v_new, past_k, past_v, scale, merge_heads, (k_scale, v_scale))
 
 
 def gqa_attention_onnx(
@@ -676,13 +751,16 @@ def gqa_attention_onnx(
     past_k: Any,
     past_v: Any,
     scale: float,
+    merge_heads: bool = False,
     cache_scales: tuple[Any, Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """``qcompile::gqa_attention`` → ``com.microsoft.GroupQueryAttention``.
 
-    GQA takes ``[B, S, heads·D]`` activations, so q / k / v are transposed from the op's BHSD and
-    the output back (ORT's transpose optimizer cancels these against the graph's own ``transpose(1,
-    2)`` around attention, pushing them through RoPE onto the shared cos/sin; tested). The lengths it wants are computed from shapes:
+    GQA takes ``[B, S, heads·D]`` activations, so q / k / v are transposed from the op's BHSD and,
+    unless the op already returns merged heads (``merge_heads``, the lowering's usual case), the
+    output back (ORT's transpose optimizer cancels these against the graph's own ``transpose(1, 2)``
+    around attention, pushing them through RoPE onto the shared cos/sin; tested). The lengths it
+    wants are computed from shapes:
     ``seqlens_k = P + S - 1`` per row, ``total_sequence_length = P + S``, and ``query_seqlens = S``
     per row — without that last one ORT 1.32's CPU kernel refuses a multi-token step after a past
     with batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is given").
@@ -726,5 +804,8 @@ def gqa_attention_onnx(
         scale=float(scale),
         **attrs,
     )
-    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+    if not merge_heads:  # back to the op's [B, H, S, D]
+        out = op.Transpose(
+            op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3]
+        )
     return out, present_k, present_v

@@ -83,6 +83,9 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+PREFILL_CHUNK = 128  # tokens per prefill call in OrtDecoder.generate (see its docstring)
+
+
 class KVCache:
     """A fixed-size KV cache for a shared-buffer decode step (:func:`.optimize.share_kv_buffer`): per
     layer a key and a value buffer ``[batch, kv_heads, max_len, head_dim]`` held as OrtValues, bound
@@ -194,13 +197,27 @@ class OrtDecoder:
         cache.length += ids.shape[1]
         return binding.get_outputs()[-1].numpy()  # logits: the output bound last
 
-    def generate(self, input_ids: Any, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+    ) -> np.ndarray:
         """Greedy decoding: prefill the prompt (empty cache), then one token per step (in place on a
         :class:`KVCache` when the file shares its KV buffer).
+
+        ``prefill_chunk``: a prompt longer than this is prefilled that many tokens per call (the
+        same causal attention over the cache; None: one call). On SmolLM2 (2 threads, 512-token
+        prompt) chunks of 128 took W4A16 from 863 to 775 ms and the int8-cache file from 1373 to
+        1143 ms: ORT's kernels do better on shorter steps (BENCHMARKS.md). Only files with a shared
+        KV buffer take chunks; the others prefill in one call.
 
         Returns ``[batch, prompt + new]`` token ids. Rows are unpadded and equally long; generation
         stops early only when every row has produced ``eos_token_id``.
         """
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"generate: prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         ids = _numpy(input_ids).astype(np.int64)
         if self.shared_buffer:
             cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
@@ -214,7 +231,9 @@ class OrtDecoder:
                 logits, state["past"] = self.step(tokens, state["past"])
                 return logits
 
-        logits = advance(ids)
+        chunk = prefill_chunk if self.shared_buffer and prefill_chunk else ids.shape[1]
+        for start in range(0, ids.shape[1], chunk):
+            logits = advance(ids[:, start : start + chunk])
         tokens = [ids]
         done = np.zeros(ids.shape[0], dtype=bool)
         for i in range(max_new_tokens):
