@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import qcompile  # noqa: E402
 from qcompile.data import calibration_windows  # noqa: E402
-from qcompile.eval import perplexity  # noqa: E402
+from qcompile.eval import paired_delta, perplexity  # noqa: E402
 from qcompile.models import load_smollm2  # noqa: E402
 from qcompile.recipe import load_recipe  # noqa: E402
 
@@ -36,15 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     example = (tok(["The quick brown fox jumps over the lazy dog."] * 2, return_tensors="pt").input_ids,)
     qgraph = qcompile.capture(model, example)
     batches = [(w,) for w in calibration_windows(tok, n_cal, len_cal, seed=0)]
-    print(f"| recipe | ppl | embedding × (1 + {args.nudge:.3g}) | Δ |\n|---|---|---|---|")
+    print(
+        f"| recipe | ppl | embedding × (1 + {args.nudge:.3g}) | Δ (± 1 s.e. over windows) |\n|---|---|---|---|"
+    )
     for name in args.recipes:
         cal = batches if load_recipe(name).needs_calibration() else None
         qm = qcompile.quantize(qgraph, name, calibration=cal, example_inputs=example, progress=False)
-        base = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False).ppl
+        base = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False)
         table = qm.qgraph.node(qm.qgraph.info["structure"].embeddings[0].node).args[0]
         qm.qgraph.set_constant(table, qm.qgraph.get_constant(table) * (1 + args.nudge))
-        moved = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False).ppl
-        print(f"| {name} | {base:.3f} | {moved:.3f} | {100 * (moved / base - 1):+.2f} % |", flush=True)
+        moved = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False)
+        print(f"| {name} | {base.ppl:.3f} | {moved.ppl:.3f} | {paired_delta(base, moved)} |", flush=True)
     return 0
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qcompile.data import load_wikitext_test, tokenize
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PairedDelta", "PerplexityResult", "paired_delta", "perplexity"]
 
 # Rows of logits turned into float64 log-probabilities at a time: bounds memory at vocab 49k.
 _ROW_CHUNK = 256
@@ -31,7 +31,9 @@ class PerplexityResult:
     """One perplexity measurement.
 
     ``nll`` is the mean negative log-likelihood per predicted token (nats), so ``ppl == exp(nll)``;
-    ``n_tokens`` counts predicted tokens (``n_windows * (seq_len - 1)``).
+    ``n_tokens`` counts predicted tokens (``n_windows * (seq_len - 1)``); ``window_nlls`` holds each
+    window's mean NLL per predicted token, in window order (for paired comparisons of two models on
+    the same windows, :func:`paired_delta`).
     """
 
     ppl: float
@@ -40,6 +42,7 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     seconds: float
+    window_nlls: tuple[float, ...] = ()
 
     def __str__(self) -> str:
         return (
@@ -162,12 +165,15 @@ def perplexity(
     start = time.perf_counter()
     total_nll = 0.0
     n_tokens = 0
+    window_nlls: list[float] = []
     with torch.no_grad(), tqdm(total=n_windows, desc="perplexity", unit="win", disable=not progress) as bar:
         for b in range(0, n_windows, batch_size):
             batch = windows[b : b + batch_size].to(device)
             logits = _logits(model, batch)
             for row in range(batch.shape[0]):
-                total_nll += _window_nll(logits[row, :-1], batch[row, 1:])
+                window = _window_nll(logits[row, :-1], batch[row, 1:])
+                window_nlls.append(window / (seq_len - 1))
+                total_nll += window
                 n_tokens += seq_len - 1
             bar.update(batch.shape[0])
             bar.set_postfix(ppl=f"{math.exp(total_nll / n_tokens):.3f}")
@@ -179,4 +185,41 @@ def perplexity(
         n_windows=n_windows,
         seq_len=seq_len,
         seconds=time.perf_counter() - start,
+        window_nlls=tuple(window_nlls),
     )
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """``b`` vs ``a`` on the same windows: ``ratio = ppl_b / ppl_a - 1``; ``stderr`` is the standard
+    error of that ratio estimated from the spread of the per-window NLL differences (a difference
+    that is noise has mixed signs and ``|ratio|`` of the order of ``stderr``; a systematic one
+    has ``|ratio| >> stderr``); ``n_lower`` counts the windows where ``b`` has the lower NLL."""
+
+    ratio: float
+    stderr: float
+    n_lower: int
+    n_windows: int
+
+    def __str__(self) -> str:
+        return (
+            f"{100 * self.ratio:+.2f} % ± {100 * self.stderr:.2f} % (1 s.e.; "
+            f"lower in {self.n_lower}/{self.n_windows} windows)"
+        )
+
+
+def paired_delta(a: PerplexityResult, b: PerplexityResult) -> PairedDelta:
+    """Compare two perplexity results measured on the same windows (see :class:`PairedDelta`)."""
+    if len(a.window_nlls) != len(b.window_nlls) or a.seq_len != b.seq_len or not a.window_nlls:
+        raise ValueError(
+            "paired_delta: the two results must come from the same windows "
+            f"(got {len(a.window_nlls)} × {a.seq_len} and {len(b.window_nlls)} × {b.seq_len})"
+        )
+    diffs = [y - x for x, y in zip(a.window_nlls, b.window_nlls, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
+    # ppl_b / ppl_a = exp(mean NLL difference): windows have equal token counts.
+    ratio = math.exp(b.nll - a.nll) - 1.0
+    stderr = math.exp(b.nll - a.nll) * math.sqrt(var / n) if n > 1 else float("nan")
+    return PairedDelta(ratio=ratio, stderr=stderr, n_lower=sum(d < 0 for d in diffs), n_windows=n)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompile.eval import PerplexityResult, _logits, perplexity
+from qcompile.eval import PerplexityResult, _logits, paired_delta, perplexity
 from qcompile.models import ByteTokenizer, tiny_llama
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12  # 540 bytes
@@ -41,6 +41,36 @@ def test_perplexity_matches_hand_reference() -> None:
     assert res.ppl == pytest.approx(_reference_ppl(model, TEXT, 64, 5), rel=1e-9)
     assert res.ppl == pytest.approx(math.exp(res.nll), rel=1e-12)
     assert res.seconds >= 0
+
+
+def test_window_nlls_and_paired_delta() -> None:
+    model = tiny_llama()
+    res = perplexity(model, ByteTokenizer(), text=TEXT, seq_len=64, max_windows=5, progress=False)
+    assert len(res.window_nlls) == 5
+    assert sum(res.window_nlls) / 5 == pytest.approx(res.nll, rel=1e-12)  # equal-length windows
+    same = paired_delta(res, res)
+    assert (same.ratio, same.stderr, same.n_lower) == (0.0, 0.0, 0)
+
+    def shifted(nlls: tuple[float, ...]) -> PerplexityResult:
+        nll = sum(nlls) / len(nlls)
+        return PerplexityResult(math.exp(nll), nll, res.n_tokens, 5, 64, 0.0, nlls)
+
+    # A constant shift of 0.01 nats per token is systematic: ratio e^0.01 - 1, no spread.
+    up = paired_delta(res, shifted(tuple(x + 0.01 for x in res.window_nlls)))
+    assert up.ratio == pytest.approx(math.expm1(0.01), rel=1e-9) and up.stderr < 1e-12
+    # ±0.01 in four windows, 0 in the fifth: mean zero, sample standard deviation 0.01.
+    signs = (1, -1, 1, -1, 0)
+    noisy = paired_delta(
+        res, shifted(tuple(x + 0.01 * s for x, s in zip(res.window_nlls, signs, strict=True)))
+    )
+    expected_sd = 0.01
+    assert noisy.n_lower == 2
+    assert noisy.ratio == pytest.approx(0.0, abs=1e-12)
+    assert noisy.stderr == pytest.approx(expected_sd / math.sqrt(5), rel=1e-9)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_delta(
+            res, perplexity(model, ByteTokenizer(), text=TEXT, seq_len=32, max_windows=5, progress=False)
+        )
 
 
 def test_perplexity_batching_and_all_windows() -> None:
