@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
         ort = _ort_ppls(qm.qgraph, example, tok, args) if args.ort else {}
-        rows.append((name, res, t_quant, ort))
-        extra = "".join(f", ORT acc {lv}: {v.ppl:.3f} ({paired_delta(res, v)})" for lv, v in ort.items())
+        deltas = {lv: paired_delta(res, v) for lv, v in ort.items()}
+        rows.append((name, res, t_quant, ort, deltas))
+        extra = "".join(f", ORT acc {lv}: {v.ppl:.3f} ({deltas[lv]})" for lv, v in ort.items())
         print(
             f"    ppl {res.ppl:.3f}{extra}  (quantize {t_quant:.1f} s, eval {res.seconds:.1f} s)", flush=True
         )
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f" ORT acc {lv} ppl | ORT vs torch (± 1 s.e.) |" for lv in args.ort or []),
         "|---|---|---|---|---|" + "---|---|" * len(args.ort or []),
     ]
-    for name, res, tq, ort in rows:
+    for name, res, tq, ort, deltas in rows:
         rel = f"{100 * (res.ppl / fp - 1):+.1f} %" if fp and name != "fp" else "—"
-        cells = ""
-        for v in ort.values():
-            d = paired_delta(res, v)
-            cells += f" {v.ppl:.3f} | {100 * d.ratio:+.2f} % ± {100 * d.stderr:.2f} % |"
+        cells = "".join(
+            f" {v.ppl:.3f} | {100 * deltas[lv].ratio:+.2f} % ± {100 * deltas[lv].stderr:.2f} % |"
+            for lv, v in ort.items()
+        )
         lines.append(f"| {name} | {res.ppl:.3f} | {rel} | {tq:.1f} | {res.seconds:.1f} |{cells}")
     lines += ["", f"command: `{cmd.strip()}`"]
     table = "\n".join(lines)

@@ -10,6 +10,7 @@ gives ≈ 29.2. The loss is reduced in float64 so that a recipe's delta is not r
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -217,9 +218,8 @@ def paired_delta(a: PerplexityResult, b: PerplexityResult) -> PairedDelta:
         )
     diffs = [y - x for x, y in zip(a.window_nlls, b.window_nlls, strict=True)]
     n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
-    # ppl_b / ppl_a = exp(mean NLL difference): windows have equal token counts.
-    ratio = math.exp(b.nll - a.nll) - 1.0
-    stderr = math.exp(b.nll - a.nll) * math.sqrt(var / n) if n > 1 else float("nan")
-    return PairedDelta(ratio=ratio, stderr=stderr, n_lower=sum(d < 0 for d in diffs), n_windows=n)
+    # ppl_b / ppl_a = exp(mean NLL difference) (windows have equal token counts); its standard
+    # error by the delta method.
+    growth = math.exp(b.nll - a.nll)
+    stderr = growth * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
+    return PairedDelta(ratio=growth - 1.0, stderr=stderr, n_lower=sum(d < 0 for d in diffs), n_windows=n)
