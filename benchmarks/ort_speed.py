@@ -53,7 +53,8 @@ from qcompile.backends.onnx import (  # noqa: E402
 from qcompile.backends.onnx.command import load_causal_lm  # noqa: E402
 from qcompile.backends.onnx.export import set_accuracy_level  # noqa: E402
 from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head  # noqa: E402
-from qcompile.eval import perplexity  # noqa: E402
+from qcompile.ir import keys
+from qcompile.tools.eval import perplexity  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ _references: dict = {}  # (recipe, head) -> the decode-step QGraph an export cam
 
 def _calibration(recipe: str, tok) -> list[torch.Tensor] | None:
     """Calibration windows for ``recipe`` if it calibrates (the export CLI's default budget)."""
-    from qcompile.data import calibration_windows
-    from qcompile.recipe import load_recipe
+    from qcompile.pipeline.recipe import load_recipe
+    from qcompile.tools.data import calibration_windows
 
     if not load_recipe(recipe).needs_calibration():
         return None
@@ -214,7 +215,7 @@ def measure_all(
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
     """``MatMul(x, Transpose(W))`` → ``MatMul(x, Wᵀ)`` with Wᵀ an initializer, for weights read only by
     that Transpose (ORT's quantizer quantizes constant MatMul inputs only; torch.onnx leaves the
-    transpose of ``linear``). A shared table (the tied embedding) is left alone, as in METHODS.md."""
+    transpose of ``linear``). A shared table (the tied embedding) is left alone, as in docs/methods.md."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -262,7 +263,7 @@ def reference_ppl(prefill_graph, row: Row, tok, windows: int, seq_len: int) -> f
 def _ort_deviation(path: Path, decoder, row: Row, tok, threads: int, n: int = 4, length: int = 128) -> float:
     """Relative L2 error of ORT's last-token logits vs the reference decode QGraph (the recipe run on
     the captured decoder, in torch), over ``n`` prompts of ``length`` tokens from wiki.test.raw."""
-    from qcompile.data import load_wikitext_test, tokenize
+    from qcompile.tools.data import load_wikitext_test, tokenize
 
     reference = _references.get((row.recipe, row.head))
     if reference is None:  # --reuse: the file was not exported by this run
@@ -272,7 +273,7 @@ def _ort_deviation(path: Path, decoder, row: Row, tok, threads: int, n: int = 4,
     ids = tokenize(tok, load_wikitext_test())[0][: n * length].view(n, length)
     dec = OrtDecoder(path, SessionOptions(threads=threads))
     ort_logits, _ = dec.step(ids.numpy(), dec.empty_cache(n))
-    ref, _ = reference(ids, decoder.info["decoder"].empty(n))
+    ref, _ = reference(ids, decoder.info[keys.INFO_DECODER].empty(n))
     ref = ref.numpy()
     return float(np.linalg.norm(ort_logits - ref) / np.linalg.norm(ref))
 

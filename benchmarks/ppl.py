@@ -11,7 +11,7 @@ that produced it.
 ``--ort L …``: each quantized QGraph is also exported (``export_onnx``, the full-sequence forward) with
 MatMulNBits ``accuracy_level`` L and scored by ONNX Runtime on the same windows: the parity column
 is ``ppl_ort / ppl_reference − 1`` (the issue's bar: within 1 %), with its standard error from the
-spread of the per-window NLL differences (:func:`qcompile.eval.paired_delta`): a gap that is
+spread of the per-window NLL differences (:func:`qcompile.tools.eval.paired_delta`): a gap that is
 rounding noise has mixed signs across windows and is of the order of its standard error.
 
 ``--head BITS``: after each recipe, also quantize lm_head and the (tied) embedding table to BITS,
@@ -35,10 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.data import calibration_windows  # noqa: E402
-from qcompile.eval import PerplexityResult, paired_delta, perplexity  # noqa: E402
-from qcompile.models import load_smollm2  # noqa: E402
-from qcompile.recipe import list_recipes, load_recipe  # noqa: E402
+from qcompile.pipeline.recipe import list_recipes, load_recipe  # noqa: E402
+from qcompile.tools.data import calibration_windows  # noqa: E402
+from qcompile.tools.eval import PerplexityResult, paired_delta, perplexity  # noqa: E402
+from qcompile.tools.models import load_smollm2  # noqa: E402
 
 
 def _parse_calib(text: str) -> tuple[int, int]:

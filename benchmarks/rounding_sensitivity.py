@@ -17,10 +17,11 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import qcompile  # noqa: E402
-from qcompile.data import calibration_windows  # noqa: E402
-from qcompile.eval import paired_delta, perplexity  # noqa: E402
-from qcompile.models import load_smollm2  # noqa: E402
-from qcompile.recipe import load_recipe  # noqa: E402
+from qcompile.ir import keys
+from qcompile.pipeline.recipe import load_recipe  # noqa: E402
+from qcompile.tools.data import calibration_windows  # noqa: E402
+from qcompile.tools.eval import paired_delta, perplexity  # noqa: E402
+from qcompile.tools.models import load_smollm2  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cal = batches if load_recipe(name).needs_calibration() else None
         qm = qcompile.quantize(qgraph, name, calibration=cal, example_inputs=example, progress=False)
         base = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False)
-        table = qm.qgraph.node(qm.qgraph.info["structure"].embeddings[0].node).args[0]
+        table = qm.qgraph.node(qm.qgraph.info[keys.INFO_STRUCTURE].embeddings[0].node).args[0]
         qm.qgraph.set_constant(table, qm.qgraph.get_constant(table) * (1 + args.nudge))
         moved = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows, progress=False)
         print(f"| {name} | {base.ppl:.3f} | {moved.ppl:.3f} | {paired_delta(base, moved)} |", flush=True)

@@ -1,11 +1,12 @@
 """Built-in passes, one module per pass. Importing this package registers each of them in
-:data:`qcompile.pass_base.PASS_REGISTRY` (``get_pass_class`` imports it on first use)."""
+:data:`qcompile.pipeline.contract.PASS_REGISTRY` (``get_pass_class`` imports it on first use)."""
 
 from qcompile.passes import (  # noqa: F401
     analyze,
     calibrate,
     detect_outliers,
     fold_qdq,
+    fuse_attention,
     fuse_norms,
     identity,
     quantize,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import ClassVar
 
-from qcompile.analysis import analyze
+from qcompile.analysis.analyzer import analyze
+from qcompile.analysis.summary import format_structure
 from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassResult, register_pass
-from qcompile.summary import format_structure
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassResult, register_pass
 
 
 @register_pass
@@ -17,6 +18,7 @@ class AnalyzePass(Pass):
 
     name: ClassVar[str] = "analyze"
     kind = "analysis"
+    ensures = (facts.STRUCTURE,)
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
         st = analyze(qgraph)

@@ -1,7 +1,7 @@
 """``calibrate``: run the graph on the context's calibration batches and record every linear's input
-statistics (analysis: changes no numbers). See :mod:`qcompile.calibration` for what is kept and why.
+statistics (analysis: changes no numbers). See :mod:`qcompile.quant.calibration` for what is kept and why.
 
-Writes ``ctx.state["calibration"]`` (node name -> :class:`~qcompile.calibration.LinearInputStats`) and
+Writes ``ctx.state[keys.STATE_CALIBRATION]`` (node name -> :class:`~qcompile.quant.calibration.LinearInputStats`) and
 ``node.meta["qcompile"]["act_stats"]`` on each linear (the same objects).
 """
 
@@ -15,11 +15,10 @@ from typing import ClassVar
 
 import torch
 
-from qcompile.calibration import CalibrationError, calibrate, total_nbytes
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-
-STATE_KEY = "calibration"
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.calibration import CalibrationError, calibrate, total_nbytes
 
 
 def _peak_rss_bytes() -> int:
@@ -35,7 +34,8 @@ class CalibratePass(Pass):
     name: ClassVar[str] = "calibrate"
     kind = "analysis"
     uses_calibration = True
-    requires: ClassVar[tuple[str, ...]] = ("analyze",)
+    requires = (facts.STRUCTURE,)
+    ensures = (facts.CALIBRATION,)
 
     @dataclass
     class Options:
@@ -75,7 +75,7 @@ class CalibratePass(Pass):
         except CalibrationError as exc:
             raise PassError(self.name, str(exc).removeprefix("calibrate: ")) from exc
         seconds = time.perf_counter() - start
-        ctx.state[STATE_KEY] = stats
+        ctx.state[keys.STATE_CALIBRATION] = stats
         n_tokens = next(iter(stats.values())).n_tokens if stats else 0
         report = {
             "batches": len(batches),

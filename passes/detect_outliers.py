@@ -1,7 +1,7 @@
 """``detect_outliers``: per linear input, channel outliers and massive activations (analysis).
 
-Reads the calibration statistics (``ctx.state["calibration"]``, or ``act_stats`` on the linears),
-writes an :class:`~qcompile.outliers.OutlierReport` to ``node.meta["qcompile"]["outliers"]``, and
+Reads the calibration statistics (``ctx.state[keys.STATE_CALIBRATION]``, or ``act_stats`` on the linears),
+writes an :class:`~qcompile.analysis.outliers.OutlierReport` to ``node.meta["qcompile"]["outliers"]``, and
 reports every linear (JSON) plus a table of the ten worst by max channel ratio — the first thing to
 look at when choosing where to smooth or explaining accuracy loss.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from qcompile import meta as qmeta
-from qcompile.calibration import LinearInputStats
-from qcompile.ir import QGraph
-from qcompile.outliers import OutlierReport, find_outliers
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.analysis.outliers import OutlierReport, find_outliers
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.calibration import LinearInputStats
 
 WORST_SHOWN = 10
 
@@ -26,7 +26,7 @@ class DetectOutliersPass(Pass):
 
     name: ClassVar[str] = "detect_outliers"
     kind = "analysis"
-    requires: ClassVar[tuple[str, ...]] = ("calibrate",)
+    requires = (facts.CALIBRATION,)
 
     @dataclass
     class Options:
@@ -51,9 +51,9 @@ class DetectOutliersPass(Pass):
                 top_k=opts.top_k,
                 massive_ratio=opts.massive_ratio,
             )
-            qmeta.set_(node, qmeta.OUTLIERS, rep)
-            ann = qmeta.get(node)
-            entries.append(_entry(rep, ann.get(qmeta.ROLE), ann.get(qmeta.LAYER), ann.get(qmeta.MODULE, "")))
+            keys.set_(node, keys.OUTLIERS, rep)
+            ann = keys.get(node)
+            entries.append(_entry(rep, ann.get(keys.ROLE), ann.get(keys.LAYER), ann.get(keys.MODULE, "")))
         worst = sorted(entries, key=lambda e: e["max_ratio"], reverse=True)[:WORST_SHOWN]
         report = {
             "thresholds": {
@@ -71,12 +71,10 @@ class DetectOutliersPass(Pass):
 
 
 def _calibration_stats(qgraph: QGraph, ctx: PassContext, pass_name: str) -> dict[str, LinearInputStats]:
-    stats = ctx.state.get("calibration")
+    stats = ctx.state.get(keys.STATE_CALIBRATION)
     if stats is None:  # e.g. a graph calibrated in an earlier pipeline: the stats ride on node.meta
         stats = {
-            n.name: qmeta.get(n)[qmeta.ACT_STATS]
-            for n in qgraph.graph.nodes
-            if qmeta.ACT_STATS in qmeta.get(n)
+            n.name: keys.get(n)[keys.ACT_STATS] for n in qgraph.graph.nodes if keys.ACT_STATS in keys.get(n)
         }
     if not stats:
         raise PassError(

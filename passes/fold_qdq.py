@@ -6,7 +6,7 @@ with ``x̂`` either the float input (weight-only) or ``dequantize(quantize(x, s,
 1. removes redundant ``dequantize → quantize`` pairs (re-quantizing a value with the parameters it
    was dequantized with, onto a grid at least as wide, gives back the same integers);
 2. packs each weight: 4-bit → two values per byte in MatMulNBits' layout (see
-   :mod:`qcompile.qlinear_ops`: offset-binary ``q + 8``, low nibble first, the ragged last group
+   :mod:`qcompile.ops.qlinear`: offset-binary ``q + 8``, low nibble first, the ragged last group
    padded); 8-bit weight-only → blocked uint8 ``q + 128`` (MatMulNBits' 8-bit layout); 8-bit with
    integer activations → the int8 ``q`` as is (an integer GEMM reads it). Symmetric zero points
    (all zero) are dropped;
@@ -33,14 +33,12 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from qcompile import meta as qmeta
 from qcompile import ops
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.qlinear_ops import (
-    QEMBEDDING,
-    QLINEAR_W,
-    QLINEAR_WA,
+from qcompile.ir import QGraph, keys
+from qcompile.ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.packing import (
     UINT8_OFFSET,
     int4_packable,
     pack_int4_weight,
@@ -84,7 +82,9 @@ class FoldQDQPass(Pass):
 
     name: ClassVar[str] = "fold_qdq"
     kind = "lowering"
-    requires: ClassVar[tuple[str, ...]] = ("quantize",)
+    ensures = (facts.FOLDED,)
+    # the quantized linears become new qlinear nodes: the structural analysis names nodes that are gone
+    invalidates = (facts.STRUCTURE,)
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
         pairs = remove_redundant_requantize(qgraph)
@@ -100,7 +100,9 @@ class FoldQDQPass(Pass):
         qgraph.graph.eliminate_dead_code()
         _drop_unused_buffers(qgraph)
         qgraph.recompile()
-        qgraph.info[self.name] = {r.node: r.op for r in rows}
+        if rows:  # its linears are qlinear nodes now: the analysis no longer describes the graph
+            qgraph.info.pop(keys.INFO_STRUCTURE, None)
+        qgraph.info[keys.INFO_FOLD] = {r.node: r.op for r in rows}
         report = {
             "folded": len(rows),
             "requantize_pairs_removed": pairs,
@@ -147,15 +149,15 @@ def _replace(qgraph: QGraph, old: fx.Node, op: Any, args: tuple) -> None:
     with qgraph.graph.inserting_before(old):
         new = qgraph.graph.call_function(op, args)
     new.meta["val"] = old.meta["val"]
-    new.meta[qmeta.NAMESPACE] = dict(qmeta.get(old))
+    new.meta[keys.NAMESPACE] = dict(keys.get(old))
     old.replace_all_uses_with(new)
     qgraph.graph.erase_node(old)
 
 
 def _fold_linear(qgraph: QGraph, packer: _Packer, linear: fx.Node) -> FoldedLinear:
     deq = _weight_dequantize(linear)
-    ann = qmeta.get(linear)
-    scheme = str(ann.get(qmeta.QUANT, ""))
+    ann = keys.get(linear)
+    scheme = str(ann.get(keys.QUANT, ""))
     x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
     act = _quantized_activation(qgraph, x)
     packed, (w_node, ws_node, wz_node), before = packer.pack(deq, scheme, linear, weight_only=act is None)
@@ -164,7 +166,7 @@ def _fold_linear(qgraph: QGraph, packer: _Packer, linear: fx.Node) -> FoldedLine
         op, op_name, args = QLINEAR_W, "qlinear_w", (x, w_node, ws_node, wz_node, *tail)
     else:
         op, op_name, args = QLINEAR_WA, "qlinear_wa", (*act, w_node, ws_node, wz_node, *tail)
-    role = str(ann.get(qmeta.ROLE, "linear"))
+    role = str(ann.get(keys.ROLE, "linear"))
     _replace(qgraph, linear, op, args)
     return FoldedLinear(
         linear.name, op_name, role, scheme, packed.storage, before, packed.nbytes() if before else 0
@@ -174,8 +176,8 @@ def _fold_linear(qgraph: QGraph, packer: _Packer, linear: fx.Node) -> FoldedLine
 def _fold_embedding(qgraph: QGraph, packer: _Packer, embedding: fx.Node) -> FoldedLinear:
     """``embedding(dequantize(q, s, z, g), ids)`` → ``qembedding(ids, packed, …)``."""
     deq = embedding.args[0]
-    ann = qmeta.get(embedding)
-    scheme = str(ann.get(qmeta.QUANT, ""))
+    ann = keys.get(embedding)
+    scheme = str(ann.get(keys.QUANT, ""))
     packed, (w_node, ws_node, wz_node), before = packer.pack(deq, scheme, embedding, weight_only=True)
     dim = int(deq.meta["val"].shape[1])
     _replace(
@@ -198,7 +200,7 @@ def _fold_embedding(qgraph: QGraph, packer: _Packer, embedding: fx.Node) -> Fold
 def pack_weight(
     q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, group_size: int, bits: int, weight_only: bool
 ) -> _PackedWeight:
-    """The folded storage of one weight (layouts: :mod:`qcompile.qlinear_ops`). 4-bit → packed
+    """The folded storage of one weight (layouts: :mod:`qcompile.ops.qlinear`). 4-bit → packed
     nibbles; 8-bit weight-only with a block-sized group → blocked uint8 (MatMulNBits 8 bits); else
     plain int8 (an integer GEMM reads it as is)."""
     symmetric = not bool(zp.any())

@@ -1,5 +1,5 @@
 """``fuse_norms``: fold every norm's γ (and β) into the linears that read it, leaving weightless norms
-(QuaRot §4 / SpinQuant: the step that lets an orthogonal map pass the norms, METHODS.md "Rotation" 1).
+(QuaRot §4 / SpinQuant: the step that lets an orthogonal map pass the norms, docs/methods.md "Rotation" 1).
 
 - RMSNorm ``y = γ ⊙ x/rms(x)``: every reader ``W ← W diag(γ)``; the γ multiply is removed.
 - LayerNorm ``y = γ ⊙ (x−μ)/σ + β``: also ``b ← b + W β`` (a bias is added where there was none).
@@ -26,16 +26,16 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from qcompile import meta as qmeta
-from qcompile import patterns as P
-from qcompile.analysis import analyze
+from qcompile.analysis import patterns as P
+from qcompile.analysis.analyzer import analyze
+from qcompile.analysis.structure import NormSite, Structure
 from qcompile.equivalence import EquivalenceError, check_region, diagonal_scale, region_for_norm
 from qcompile.equivalence.constants import write_updates
 from qcompile.equivalence.producers import ConstantUpdate, consumer_update
 from qcompile.equivalence.transforms import DiagonalScale
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.structure import NormSite, Structure
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
 
 aten = torch.ops.aten
 F64 = torch.float64
@@ -66,7 +66,8 @@ class FuseNormsPass(Pass):
 
     name: ClassVar[str] = "fuse_norms"
     kind = "equivalence"
-    requires = ("analyze",)
+    requires = (facts.STRUCTURE,)
+    ensures = (facts.STRUCTURE, facts.WEIGHTLESS_NORMS)
     # fp32 weights, merges in float64: outputs move by one rounding of each changed weight
     # (SmolLM2 logits: 1.8e-6 measured).
     tolerance = 1e-5
@@ -77,10 +78,10 @@ class FuseNormsPass(Pass):
         tolerance: float | None = None
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
-        st: Structure | None = qgraph.info.get("structure")
+        st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
-        stats = ctx.state.get("calibration")
+        stats = ctx.state.get(keys.STATE_CALIBRATION)
         fused: list[FusedNorm] = []
         not_fused: list[NotFused] = []
         for norm in list(st.norms.values()):
@@ -95,10 +96,11 @@ class FuseNormsPass(Pass):
         )
         qgraph.recompile()
         new_st = analyze(qgraph)
-        if stats is not None:
-            for node in qgraph.graph.nodes:
-                if node.name in stats:
-                    qmeta.set_(node, qmeta.ACT_STATS, stats[node.name])
+        for node in qgraph.graph.nodes:  # rescaled statistics replace the old; dropped ones go
+            if stats is not None and node.name in stats:
+                keys.set_(node, keys.ACT_STATS, stats[node.name])
+            else:
+                keys.clear(node, keys.ACT_STATS)
         report = {
             "fused": [asdict(f) for f in fused],
             "not_fused": [asdict(n) for n in not_fused],

@@ -7,7 +7,7 @@ produced) without any real transformation, e.g. ``[[passes]] name = "noop"`` in 
 from __future__ import annotations
 
 from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassResult, register_pass
+from qcompile.pipeline.contract import Pass, PassContext, PassResult, register_pass
 
 
 @register_pass

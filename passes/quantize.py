@@ -1,31 +1,31 @@
 """``quantize``: insert quantize/dequantize around every selected linear (RTN or GPTQ weights, QDQ
 activations).
 
-For each linear found by the ``analyze`` pass (``qgraph.info["structure"]``):
+For each linear found by the ``analyze`` pass (``qgraph.info[keys.INFO_STRUCTURE]``):
 
 - **weight**: the float constant W is replaced by ``qcompile.dequantize(q, scale, zero_point, g)`` on
   new constants computed offline — the weight's quantize step is already constant-folded. The float
   constant is removed when nothing else reads it (a tied embedding keeps it). ``weight_method``:
 
-  - ``rtn`` (default): :func:`qcompile.quantizers.quantize_weight`, round to nearest, with the
+  - ``rtn`` (default): :func:`qcompile.quant.rtn.quantize_weight`, round to nearest, with the
     optional ``clip_search``;
-  - ``gptq``: :func:`qcompile.gptq.gptq_quantize` (GPTQ, Frantar et al. 2022, Alg. 1) with the
+  - ``gptq``: :func:`qcompile.quant.gptq.gptq_quantize` (GPTQ, Frantar et al. 2022, Alg. 1) with the
     Hessian ``XᵀX`` from calibration — the ``calibrate`` pass must run with ``hessian = true``.
     With ``clip_search`` the group grids are RTN's clipped ones, fixed before GPTQ's loop (see
-    :mod:`qcompile.gptq`). Linears are quantized one at a time;
+    :mod:`qcompile.quant.gptq`). Linears are quantized one at a time;
     once every linear reading an ``XᵀX`` is quantized, the pass drops it from the calibration
-    statistics (new stats objects in ``ctx.state["calibration"]`` and ``act_stats``; the shared
+    statistics (new stats objects in ``ctx.state[keys.STATE_CALIBRATION]`` and ``act_stats``; the shared
     objects are never mutated), so the Hessians are freed as the pass goes.
 - **input activation** (unless ``act_mode = "none"``): dynamic per token,
   ``choose_qparams_per_token → quantize → dequantize``; or static per tensor, ``quantize →
-  dequantize`` with a scale from the calibrated abs-max (``ctx.state["calibration"]``, written by the
+  dequantize`` with a scale from the calibrated abs-max (``ctx.state[keys.STATE_CALIBRATION]``, written by the
   ``calibrate`` pass). Linears that read the same tensor (q, k, v; gate, up) share one QDQ chain.
 
-Scale rules and the ragged last group are those of :mod:`qcompile.quantizers`. The embedding is
+Scale rules and the ragged last group are those of :mod:`qcompile.quant.rtn`. The embedding is
 excluded by construction (a gather, not a linear); ``lm_head`` is excluded by default. Every
 inserted node gets ``meta["val"]`` from the ops' fake implementations, and each quantized linear
 gets ``node.meta["qcompile"]["quant"]`` = its scheme string (e.g. ``w4g128s-a8ts``, see
-:mod:`qcompile.qscheme`). The report gives per-linear weight SQNR and, when calibration samples
+:mod:`qcompile.quant.scheme`). The report gives per-linear weight SQNR and, when calibration samples
 exist, output SQNR on them (``X Wᵀ`` vs ``X̂ Ŵᵀ``, the activation scheme applied, bias left out).
 """
 
@@ -40,20 +40,20 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from qcompile import meta as qmeta
 from qcompile import ops
-from qcompile.gptq import GPTQError, gptq_quantize
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.qscheme import ActQuantSpec, WeightQuantSpec, scheme_string
-from qcompile.quantizers import (
+from qcompile.analysis.structure import LinearSite, Structure
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.gptq import GPTQError, gptq_quantize
+from qcompile.quant.rtn import (
     QuantizedWeight,
     fake_quant_activation,
     quantize_weight,
     sqnr_db,
     static_per_tensor_qparams,
 )
-from qcompile.structure import LinearSite, Structure
+from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec, scheme_string
 
 NO_CALIBRATION = "run the calibrate pass first or choose act_mode=dynamic_per_token"
 NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize) or choose weight_method=rtn"
@@ -79,7 +79,7 @@ class QuantizePass(Pass):
 
     name: ClassVar[str] = "quantize"
     kind = "quantize"
-    requires: ClassVar[tuple[str, ...]] = ("analyze",)
+    requires = (facts.STRUCTURE,)
 
     @dataclass
     class Options:
@@ -111,13 +111,19 @@ class QuantizePass(Pass):
         def act_spec(self) -> ActQuantSpec:
             return ActQuantSpec(self.act_bits, self.act_mode, self.act_symmetric)
 
+    def required_facts(self) -> tuple:
+        # GPTQ reads XᵀX and static activations their calibrated ranges
+        opts = self.options
+        calibrated = opts.weight_method == "gptq" or opts.act_mode == "static_per_tensor"
+        return self.requires + ((facts.CALIBRATION,) if calibrated else ())
+
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
-        st: Structure | None = qgraph.info.get("structure")
+        st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         wspec, aspec = self.options.weight_spec(), self.options.act_spec()
         gptq = self.options.weight_method == "gptq"
-        calibration: dict[str, Any] | None = ctx.state.get("calibration")
+        calibration: dict[str, Any] | None = ctx.state.get(keys.STATE_CALIBRATION)
         by_name = {n.name: n for n in qgraph.graph.nodes}
         rewriter = _Rewriter(qgraph)
         rows: list[LinearQuantReport] = []
@@ -139,7 +145,7 @@ class QuantizePass(Pass):
                 hessians.done(site.node)
         rewriter.drop_unused_weights()
         qgraph.recompile()
-        qgraph.info[self.name] = {r.node: r.scheme for r in rows}
+        qgraph.info[keys.INFO_QUANTIZE] = {r.node: r.scheme for r in rows}
         report = _report(rows, excluded, scheme_string(wspec, aspec))
         report["weight_method"] = self.options.weight_method
         return PassResult(qgraph, changed=bool(rows), report=report, summary=_summary(report, rows))
@@ -197,7 +203,7 @@ class QuantizePass(Pass):
         if aspec.enabled:
             rewriter.quantize_input(node, aspec, static_range)
         scheme = scheme_string(wspec, aspec)
-        qmeta.set_(node, qmeta.QUANT, scheme)
+        keys.set_(node, keys.QUANT, scheme)
         out_sqnr = None
         if samples is not None and samples.numel():
             x = samples.to(device=w.device, dtype=w.dtype)
@@ -259,12 +265,12 @@ class _HessianRelease:
         self.by_name = by_name
         self.quantized: set[str] = set()
         self.holders: dict[int, list[str]] = {}
-        for name, st in (ctx.state.get("calibration") or {}).items():
+        for name, st in (ctx.state.get(keys.STATE_CALIBRATION) or {}).items():
             if is_dataclass(st) and getattr(st, "xtx", None) is not None:  # LinearInputStats
                 self.holders.setdefault(id(st.xtx), []).append(name)
 
     def done(self, node: str) -> None:
-        calibration = self.ctx.state["calibration"]
+        calibration = self.ctx.state[keys.STATE_CALIBRATION]
         self.quantized.add(node)
         names = self.holders.get(id(calibration[node].xtx), [])
         if not names or not all(n in self.quantized for n in names):
@@ -274,8 +280,8 @@ class _HessianRelease:
             old = calibration[name]
             calibration[name] = replace(old, xtx=None)
             linear = self.by_name.get(name)
-            if linear is not None and qmeta.get(linear).get(qmeta.ACT_STATS) is old:
-                qmeta.set_(linear, qmeta.ACT_STATS, calibration[name])
+            if linear is not None and keys.get(linear).get(keys.ACT_STATS) is old:
+                keys.set_(linear, keys.ACT_STATS, calibration[name])
 
 
 class _Rewriter:

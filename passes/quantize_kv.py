@@ -5,7 +5,7 @@ What it computes: for every attention block found by the analysis, the new keys 
 values ``[B, KV, S, D]`` are replaced by ``dequantize(quantize(x, s, 0, -128, 127))`` before they
 enter the cache (or, in a graph without a cache, attention), with one static scale per channel —
 per kv head ``h`` and head dim ``d`` — from calibration: ``s = max|x[h, d]| / 127.5`` (the project's
-symmetric rule, :mod:`qcompile.quantizers`; a channel calibration never saw nonzero gets scale 1).
+symmetric rule, :mod:`qcompile.quant.rtn`; a channel calibration never saw nonzero gets scale 1).
 Values past the calibrated range clip to [-128, 127]. Every key and value attention reads is then on
 that grid, past and present alike: what a runtime storing an int8 cache computes.
 
@@ -31,14 +31,14 @@ from typing import Any, ClassVar
 
 import torch.fx as fx
 
-from qcompile import meta as qmeta
 from qcompile import ops
-from qcompile.calibration import CalibrationError, LinearInputStats, calibrate
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.qscheme import qrange
-from qcompile.quantizers import dequantize_ref, quantize_ref, sqnr_db, symmetric_qparams
-from qcompile.structure import AttentionSite, Structure
+from qcompile.analysis.structure import AttentionSite, Structure
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.calibration import CalibrationError, LinearInputStats, calibrate
+from qcompile.quant.rtn import dequantize_ref, quantize_ref, sqnr_db, symmetric_qparams
+from qcompile.quant.scheme import qrange
 
 NO_CALIBRATION = (
     "the cache's ranges are observed on calibration batches: pass calibration=... to qcompile.quantize"
@@ -67,7 +67,7 @@ class QuantizeKVPass(Pass):
     name: ClassVar[str] = "quantize_kv"
     kind = "quantize"
     uses_calibration = True
-    requires: ClassVar[tuple[str, ...]] = ("analyze",)
+    requires = (facts.STRUCTURE,)
 
     @dataclass
     class Options:
@@ -84,7 +84,7 @@ class QuantizeKVPass(Pass):
                 )
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
-        st: Structure | None = qgraph.info.get("structure")
+        st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         if not st.attentions:
@@ -109,7 +109,7 @@ class QuantizeKVPass(Pass):
         except CalibrationError as exc:
             raise PassError(self.name, str(exc).removeprefix("calibrate: ")) from exc
         plans = [
-            (site, *((node, qmeta.get(node)[qmeta.KV_STATS]) for node in pair))
+            (site, *((node, keys.get(node)[keys.KV_STATS]) for node in pair))
             for site, pair in zip(st.attentions, entries, strict=True)
         ]
         qmin, qmax = qrange(self.options.bits)
@@ -167,7 +167,7 @@ class QuantizeKVPass(Pass):
             raise PassError(self.name, str(err), node.name) from err
         for user in readers:
             user.replace_input_with(node, dq)
-        qmeta.set_(dq, qmeta.QUANT, KV_SCHEME)
+        keys.set_(dq, keys.QUANT, KV_SCHEME)
         samples = stats.samples
         if not samples.numel():
             return None, None

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from qcompile import meta as qmeta
+from qcompile.analysis.structure import AttentionSite, MLPSite, Structure
 from qcompile.equivalence import (
     EquivalenceError,
     RegionError,
@@ -38,9 +38,10 @@ from qcompile.equivalence import (
 )
 from qcompile.equivalence.commute import norm_is_weightless
 from qcompile.equivalence.online import OnlineReport, insert_cancelling_pair, insert_online_transform
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.rotation import (
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.rotation import (
     SKIPPED,
     RotationSite,
     cross_head_hadamard,
@@ -48,7 +49,6 @@ from qcompile.rotation import (
     online_hadamard,
     site_seed,
 )
-from qcompile.structure import AttentionSite, MLPSite, Structure
 
 
 @register_pass
@@ -57,7 +57,9 @@ class RotatePass(Pass):
 
     name: ClassVar[str] = "rotate"
     kind = "equivalence"
-    requires = ("analyze", "fuse_norms")
+    requires = (facts.STRUCTURE,)
+    # the rotated inputs' statistics are dropped (they describe the unrotated input): calibrate again
+    invalidates = (facts.CALIBRATION,)
     # fp32 weights after float64 merges; R1 touches every weight once (SmolLM2 logits: 2.9e-6 measured).
     tolerance = 1e-4
 
@@ -72,8 +74,12 @@ class RotatePass(Pass):
         seed: int = 0
         tolerance: float | None = None
 
+    def required_facts(self) -> tuple:
+        # R1 passes the norms of the residual stream: only weightless RMSNorms commute with Q
+        return self.requires + ((facts.WEIGHTLESS_NORMS,) if self.options.r1 else ())
+
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
-        st: Structure | None = qgraph.info.get("structure")
+        st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         o = self.options
@@ -94,7 +100,7 @@ class RotatePass(Pass):
         qgraph.recompile()
         dropped = _drop_stale_stats(qgraph, ctx, rotated_inputs)
         report = _report(sites, dropped)
-        report["transformed_nodes"] = transformed
+        report[keys.REPORT_TRANSFORMED_NODES] = transformed
         changed = any(s.rotation != SKIPPED for s in sites)
         return PassResult(qgraph, changed=changed, report=report, summary=_summary(report))
 
@@ -248,7 +254,7 @@ class RotatePass(Pass):
 
 def _drop_stale_stats(qgraph: QGraph, ctx: PassContext, rotated: set[str]) -> list[str]:
     """Statistics of a rotated input describe the old input (per-channel maxima do not rotate): drop them."""
-    stats = ctx.state.get("calibration")
+    stats = ctx.state.get(keys.STATE_CALIBRATION)
     if not stats:
         return []
     dropped = sorted(n for n in rotated if n in stats)
@@ -256,7 +262,7 @@ def _drop_stale_stats(qgraph: QGraph, ctx: PassContext, rotated: set[str]) -> li
         del stats[name]
     for node in qgraph.graph.nodes:
         if node.name in dropped:
-            qmeta.clear(node, qmeta.ACT_STATS)
+            keys.clear(node, keys.ACT_STATS)
     return dropped
 
 

@@ -11,12 +11,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from qcompile import meta as qmeta
+from qcompile.analysis.structure import Structure
 from qcompile.equivalence import EquivalenceError, apply_diagonal
-from qcompile.ir import QGraph
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.qscheme import ActQuantSpec, WeightQuantSpec
-from qcompile.smoothing import (
+from qcompile.ir import QGraph, keys
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec
+from qcompile.quant.smoothing import (
     GROUP_KINDS,
     GroupChoice,
     SearchObjective,
@@ -28,9 +29,8 @@ from qcompile.smoothing import (
     smoothing_scales,
     weight_absmax,
 )
-from qcompile.structure import Structure
 
-DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, …, 1 (METHODS.md, SmoothQuant+)
+DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, …, 1 (docs/methods.md, SmoothQuant+)
 # QQQ thresholds as fractions of the group's largest channel range: linear steps near 1, then
 # geometric ones, because LLM outlier channels sit 100-2000x above the median channel.
 DEFAULT_THRESHOLD_GRID = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
@@ -42,7 +42,7 @@ class SmoothPass(Pass):
 
     name: ClassVar[str] = "smooth"
     kind = "equivalence"
-    requires = ("analyze", "calibrate")
+    requires = (facts.STRUCTURE, facts.CALIBRATION)
     # fp32 model, merges in float64: outputs move by rounding only.
     tolerance = 1e-4
 
@@ -78,8 +78,8 @@ class SmoothPass(Pass):
             raise PassError(self.name, f"threshold_grid ratios must lie in (0, 1), got {opts.threshold_grid}")
         if opts.objective_rotation != "none" and not opts.search:
             raise PassError(self.name, "objective_rotation scores the α search; set search = true with it")
-        st: Structure = qgraph.info["structure"]
-        stats = ctx.state.get("calibration")
+        st: Structure = qgraph.info[keys.INFO_STRUCTURE]
+        stats = ctx.state.get(keys.STATE_CALIBRATION)
         if not stats:
             raise PassError(
                 self.name, "no calibration statistics in the context; run the calibrate pass first"
@@ -98,12 +98,12 @@ class SmoothPass(Pass):
                 continue
             choices.append(choice)
             transformed += nodes
-        ctx.state["calibration"] = stats
+        ctx.state[keys.STATE_CALIBRATION] = stats
         for node in qgraph.graph.nodes:
             if node.name in stats:
-                qmeta.set_(node, qmeta.ACT_STATS, stats[node.name])
+                keys.set_(node, keys.ACT_STATS, stats[node.name])
         report = _report(choices, skipped, refused, objective, opts.rule)
-        report["transformed_nodes"] = transformed
+        report[keys.REPORT_TRANSFORMED_NODES] = transformed
         return PassResult(
             qgraph, changed=any(c.alpha is not None for c in choices), report=report, summary=_summary(report)
         )
@@ -111,7 +111,7 @@ class SmoothPass(Pass):
     def _objective(self, ctx: PassContext) -> SearchObjective:
         """The quantizers of the recipe's quantize pass, overridden by this pass's options."""
         q_opts = None
-        for p in ctx.state.get("pipeline_passes", []):
+        for p in ctx.state.get(keys.STATE_PIPELINE_PASSES, []):
             if p.name == "quantize":
                 q_opts = p.options
         w_default = q_opts.weight_spec() if q_opts is not None else WeightQuantSpec()

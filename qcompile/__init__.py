@@ -5,7 +5,7 @@ Front doors: :func:`capture` (torch.export) and ``torch.compile(model, backend="
 """
 
 from qcompile import ops  # noqa: F401  (registers the qcompile:: custom ops a quantized graph calls)
-from qcompile.capture import CaptureError, capture
+from qcompile.frontend.capture import CaptureError, capture
 from qcompile.ir import QGraph
 
 __all__ = ["CalibrationConfig", "CaptureError", "QGraph", "QuantizedModel", "capture", "quantize"]

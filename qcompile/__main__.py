@@ -1,5 +1,5 @@
 import sys
 
-from qcompile.cli import main
+from qcompile.tools.cli import main
 
 sys.exit(main())

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from qcompile.capture import capture
-from qcompile.instruments import Instrument
+from qcompile.frontend.capture import capture
 from qcompile.ir import QGraph
-from qcompile.pass_base import PassContext
-from qcompile.pass_manager import PassManager, PipelineResult, RecipeLike
-from qcompile.recipe import Recipe, load_recipe
+from qcompile.pipeline.contract import PassContext
+from qcompile.pipeline.instruments import Instrument
+from qcompile.pipeline.manager import PassManager, PipelineResult, RecipeLike
+from qcompile.pipeline.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -74,7 +74,7 @@ def quantize(
 
     Args:
         model: an ``nn.Module`` (copied, never modified) or a QGraph (never modified either).
-        recipe: a shipped recipe name (``qcompile.recipe.list_recipes()``), a TOML path, a dict or
+        recipe: a shipped recipe name (``qcompile.pipeline.recipe.list_recipes()``), a TOML path, a dict or
             a :class:`Recipe`.
         calibration: input batches (tensors or tuples of positional inputs), or a
             :class:`CalibrationConfig` (needs ``tokenizer``); None with a tokenizer and a recipe that
@@ -107,7 +107,7 @@ def _calibration_batches(
     if isinstance(calibration, CalibrationConfig):
         if tokenizer is None:
             raise ValueError("quantize: a CalibrationConfig needs tokenizer= to tokenize wiki.valid.tokens")
-        from qcompile.data import calibration_windows
+        from qcompile.tools.data import calibration_windows
 
         windows = calibration_windows(
             tokenizer, n_samples=calibration.n_samples, seq_len=calibration.seq_len, seed=calibration.seed

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every pipeline in the tests checks the IR after each pass (qcompile.ir.verify).
+os.environ.setdefault("QCOMPILE_VERIFY_IR", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the packaged SmolLM2-135M, loaded once per session."""
-    from qcompile.models import load_smollm2
+    from qcompile.tools.models import load_smollm2
 
     return load_smollm2()
 
@@ -33,8 +35,8 @@ def smollm2_qgraph(smollm2):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """A fresh tiny random Llama (``qcompile.models.tiny_llama``) per test module."""
-    from qcompile.models import tiny_llama
+    """A fresh tiny random Llama (``qcompile.tools.models.tiny_llama``) per test module."""
+    from qcompile.tools.models import tiny_llama
 
     return tiny_llama()
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import meta as qmeta
-from qcompile.analysis import analyze
-from qcompile.models import tiny_bert, tiny_llama
-from qcompile.summary import format_structure
+from qcompile.analysis.analyzer import analyze
+from qcompile.analysis.summary import format_structure
+from qcompile.ir import keys
+from qcompile.tools.models import tiny_bert, tiny_llama
 from tests.zeta_model import Zeta
 
 LLAMA_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -59,9 +59,9 @@ def test_roles_written_to_node_meta():
     st = analyze(qg)
     for node in qg.graph.nodes:
         if node.name in st.linears:
-            ann = qmeta.get(node)
-            assert ann[qmeta.ROLE] == st.linears[node.name].role
-            assert ann[qmeta.LINEAR] is st.linears[node.name]
+            ann = keys.get(node)
+            assert ann[keys.ROLE] == st.linears[node.name].role
+            assert ann[keys.LINEAR] is st.linears[node.name]
     assert qg.info["structure"] is st
 
 
@@ -143,7 +143,7 @@ def test_roles_survive_rotation_with_online_hadamard():
 
 
 def test_decode_step_attention_is_found_through_the_kv_cache_concat():
-    from qcompile.backends.onnx.decoder import capture_decoder
+    from qcompile.frontend.decoder import capture_decoder
 
     model = tiny_llama()
     st = analyze(capture_decoder(model))
@@ -155,9 +155,9 @@ def test_decoder_step_final_norm_reaches_lm_head_through_the_last_token_slice():
     """The decode step computes logits for the last position only (``hidden[:, -1:]`` before lm_head):
     a row slice keeps every channel, so the final norm's consumer is still lm_head (fuse_norms and
     R1 depend on it)."""
-    from qcompile.analysis import analyze
-    from qcompile.backends.onnx.decoder import capture_decoder
-    from qcompile.models import tiny_llama
+    from qcompile.analysis.analyzer import analyze
+    from qcompile.frontend.decoder import capture_decoder
+    from qcompile.tools.models import tiny_llama
 
     qg = capture_decoder(tiny_llama())
     st = analyze(qg)

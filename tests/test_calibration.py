@@ -10,17 +10,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qcompile
-import qcompile.data as qdata
-from qcompile import meta as qmeta
-from qcompile.calibration import (
+import qcompile.tools.data as qdata
+from qcompile.ir import keys
+from qcompile.pipeline.contract import PassContext, PassError, get_pass_class
+from qcompile.quant.calibration import (
     CalibrationError,
     LinearInputObserver,
     calibrate,
-    calibration_batches,
     linear_nodes,
 )
-from qcompile.models import ByteTokenizer
-from qcompile.pass_base import PassContext, PassError, get_pass_class
+from qcompile.tools.data import calibration_batches
+from qcompile.tools.models import ByteTokenizer
 
 
 class TwoLinear(nn.Module):
@@ -69,7 +69,7 @@ def _eager_inputs(model: nn.Module, batches: list[tuple]) -> dict[str, torch.Ten
 
 
 def _by_module(qg, stats):
-    return {qmeta.get(n)[qmeta.MODULE]: stats[n.name] for n in linear_nodes(qg) if n.name in stats}
+    return {keys.get(n)[keys.MODULE]: stats[n.name] for n in linear_nodes(qg) if n.name in stats}
 
 
 def test_stats_match_brute_force(two_linear):
@@ -105,11 +105,11 @@ def test_stats_on_node_meta_and_no_hessian_by_default(two_linear):
     _, qg = two_linear
     stats = calibrate(qg, _batches([(1, 6)]), progress=False)
     for node in linear_nodes(qg):
-        assert qmeta.get(node)[qmeta.ACT_STATS] is stats[node.name]
+        assert keys.get(node)[keys.ACT_STATS] is stats[node.name]
         assert stats[node.name].xtx is None
     # A graph copy (instrument snapshots) shares the immutable stats instead of duplicating XᵀX.
     copy = qg.copy()
-    assert all(qmeta.get(n)[qmeta.ACT_STATS] is stats[n.name] for n in linear_nodes(copy))
+    assert all(keys.get(n)[keys.ACT_STATS] is stats[n.name] for n in linear_nodes(copy))
     assert "tokens=6" in repr(next(iter(stats.values())))
     # Fewer rows than the reservoir: every row is kept.
     assert all(s.samples.shape[0] == 6 for s in stats.values())
@@ -163,7 +163,7 @@ def test_memory_is_bounded_by_state_not_activations(two_linear):
 
 def test_only_selected_linears(two_linear):
     _, qg = two_linear
-    b = next(n.name for n in linear_nodes(qg) if qmeta.get(n)[qmeta.MODULE] == "b")
+    b = next(n.name for n in linear_nodes(qg) if keys.get(n)[keys.MODULE] == "b")
     assert list(calibrate(qg, _batches([(1, 3)]), linears=[b], progress=False)) == [b]
     with pytest.raises(CalibrationError, match="not linear node"):
         calibrate(qg, _batches([(1, 3)]), linears=["nope"], progress=False)
@@ -248,31 +248,36 @@ def test_calibration_batches_come_from_the_validation_split_only(monkeypatch):
 # ---- the pass --------------------------------------------------------------------------------------
 
 
+def _analyzed(qg):
+    qg = qg.copy()
+    get_pass_class("analyze")()(qg)
+    return qg
+
+
 def test_pass_errors_clearly_without_calibration_data(two_linear):
     _, qg = two_linear
-    ctx = PassContext(completed=["analyze"])
+    with pytest.raises(PassError, match="calibrate: requires a structural analysis .* run analyze before it"):
+        get_pass_class("calibrate")()(qg, PassContext(calibration=_batches([(1, 2)])))
     with pytest.raises(
         PassError, match=r"calibrate: no calibration data; pass calibration=\.\.\. to qcompile\.quantize"
     ):
-        get_pass_class("calibrate")()(qg, ctx)
-    with pytest.raises(PassError, match="requires pass.*analyze"):
-        get_pass_class("calibrate")()(qg, PassContext(calibration=_batches([(1, 2)])))
+        get_pass_class("calibrate")()(_analyzed(qg), PassContext())
     with pytest.raises(PassError, match="hesian"):
         get_pass_class("calibrate")({"hesian": True})
 
 
 def test_pass_writes_state_and_report(two_linear):
-    _, qg = two_linear
-    ctx = PassContext(calibration=_batches([(1, 5), (2, 3)]), completed=["analyze"], show_progress=False)
+    qg = _analyzed(two_linear[1])
+    ctx = PassContext(calibration=_batches([(1, 5), (2, 3)]), show_progress=False)
     res = get_pass_class("calibrate")({"hessian": True, "sample_rows": 4})(qg, ctx)
     assert not res.changed
     stats = ctx.state["calibration"]
     assert set(stats) == {n.name for n in linear_nodes(qg)}
     assert all(s.xtx is not None and s.samples.shape[0] == 4 for s in stats.values())
     assert res.report["batches"] == 2 and res.report["tokens"] == 11 and res.report["linears"] == 3
-    assert res.report["hessian"] is True and res.report["seconds"] >= 0
+    assert res.report["hessian"] is True and res.report["seconds"] > 0
     assert "3 linears" in res.summary
     # a and c share their input's stats: counted once.
     assert res.report["stats_mib"] * 2**20 == pytest.approx(
-        sum(stats[n].nbytes() for n in stats if qmeta.get(qg.node(n))[qmeta.MODULE] != "c"), abs=2e-3 * 2**20
+        sum(stats[n].nbytes() for n in stats if keys.get(qg.node(n))[keys.MODULE] != "c"), abs=2e-3 * 2**20
     )

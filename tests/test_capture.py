@@ -1,4 +1,4 @@
-"""Front door 1, ``qcompile.capture``: tiny models in, the QGraph form out, the caller's module untouched.
+"""Front door 1, ``qcompile.frontend.capture``: tiny models in, the QGraph form out, the caller's module untouched.
 
 The QGraph form checked here (:func:`assert_qgraph_form`) is what every pass relies on; the
 ``torch.compile`` backend's tests hold its graphs to the same function.
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from qcompile import CaptureError, QGraph, capture
-from qcompile.models import tiny_bert, tiny_llama
+from qcompile.tools.models import tiny_bert, tiny_llama
 
 # ---- shared checks (also used by test_compile_backend) -------------------------------------------
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import qcompile.compile_backend as cb
+import qcompile.frontend.compile_backend as cb
 from qcompile import CaptureError, QGraph, capture
-from qcompile.models import tiny_bert, tiny_llama
+from qcompile.tools.models import tiny_bert, tiny_llama
 from tests.test_capture import ModuleSnapshot, TinyCNN, TinyMLP, assert_qgraph_form, seeded, token_ids
 
 
@@ -140,7 +140,7 @@ def test_tiny_bert_dynamic_true_matches_eager_and_capture() -> None:
 
 
 def test_recipe_runs_and_the_analysis_sees_what_it_sees_through_capture() -> None:
-    from qcompile.pass_manager import run_recipe
+    from qcompile.pipeline.manager import run_recipe
 
     model = tiny_llama()
     debug: list[cb.CompiledGraph] = []

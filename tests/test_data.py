@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcompile import data
-from qcompile.models import ByteTokenizer
+from qcompile.tools import data
+from qcompile.tools.models import ByteTokenizer
 
 
 def test_shared_data_dir_found() -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile.analysis import analyze
+from qcompile.analysis.analyzer import analyze
 from qcompile.equivalence import (
     EquivalenceError,
     LinearSource,
@@ -25,7 +25,7 @@ from qcompile.equivalence import (
     region_for_v_o,
     residual_region,
 )
-from qcompile.models import tiny_bert, tiny_llama
+from qcompile.tools.models import tiny_bert, tiny_llama
 
 TOL = 1e-5  # max abs error relative to the output's scale (fp32)
 

@@ -23,7 +23,7 @@ from qcompile.equivalence import (
     region_for_v_o,
     residual_region,
 )
-from qcompile.models import tiny_llama
+from qcompile.tools.models import tiny_llama
 from tests.test_equivalence import (
     TOL,
     NormMLP,

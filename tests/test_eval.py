@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompile.eval import PerplexityResult, _logits, paired_delta, perplexity
-from qcompile.models import ByteTokenizer, tiny_llama
+from qcompile.tools.eval import PerplexityResult, _logits, paired_delta, perplexity
+from qcompile.tools.models import ByteTokenizer, tiny_llama
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12  # 540 bytes
 
 
 def _reference_ppl(model: torch.nn.Module, text: str, seq_len: int, max_windows: int) -> float:
-    """Written independently of qcompile.eval: per-window mean CE, weighted by predicted tokens."""
+    """Written independently of qcompile.tools.eval: per-window mean CE, weighted by predicted tokens."""
     ids = torch.tensor(list(text.encode("utf-8")))
     n = min(len(ids) // seq_len, max_windows)
     nll_sum, count = 0.0, 0
@@ -131,7 +131,7 @@ def test_text_too_short() -> None:
 @pytest.mark.real
 @pytest.mark.slow
 def test_smollm2_fp32_wikitext_ppl() -> None:
-    from qcompile.models import load_smollm2
+    from qcompile.tools.models import load_smollm2
 
     model, tok = load_smollm2()
     res = perplexity(model, tok, seq_len=1024, max_windows=8, progress=False)

@@ -6,25 +6,22 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import meta as qmeta
 from qcompile import ops
 from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
-from qcompile.ir import QGraph
-from qcompile.models import tiny_llama
-from qcompile.pass_base import PassContext, get_pass_class
+from qcompile.ir import QGraph, keys
+from qcompile.ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
 from qcompile.passes.analyze import AnalyzePass
 from qcompile.passes.calibrate import CalibratePass
 from qcompile.passes.fold_qdq import FoldQDQPass, remove_redundant_requantize
 from qcompile.passes.quantize import QuantizePass
-from qcompile.qlinear_ops import (
-    QEMBEDDING,
-    QLINEAR_W,
-    QLINEAR_WA,
+from qcompile.pipeline.contract import PassContext, get_pass_class
+from qcompile.quant.packing import (
     pack_int4_weight,
     pack_int4_zero_point,
     unpack_int4_weight,
     unpack_int4_zero_point,
 )
+from qcompile.tools.models import tiny_llama
 
 SCHEMES = {
     "w4a16": {"weight_bits": 4, "group_size": 16, "act_mode": "none"},
@@ -50,17 +47,16 @@ def tiny():
 def _quantized(tiny, options: dict, calibrate: bool = False) -> QGraph:
     qg, ids = tiny
     qg = qg.copy()
-    ctx = PassContext(completed=["analyze"], calibration=[(ids,)], show_progress=False)
+    ctx = PassContext(calibration=[(ids,)], show_progress=False)
     if calibrate:
         CalibratePass({"sample_rows": 32})(qg, ctx)
-        ctx.completed.append("calibrate")
     QuantizePass(options)(qg, ctx)
     return qg
 
 
 def _fold(qg: QGraph):
     folded = qg.copy()
-    result = FoldQDQPass()(folded, PassContext(completed=["quantize"]))
+    result = FoldQDQPass()(folded, PassContext())
     return folded, result
 
 
@@ -133,7 +129,7 @@ def test_ops_storage_and_annotations(tiny):
         assert packed.dtype == torch.uint8 and n.args[3] is None  # symmetric: no zero point
         bits, in_features, group = n.args[5:]
         assert (bits, group) == (4, 16) and tuple(packed.shape[1:]) == (-(-in_features // 16), 8)
-        assert qmeta.get(n)[qmeta.QUANT] == "w4g16s-a16" and "val" in n.meta
+        assert keys.get(n)[keys.QUANT] == "w4g16s-a16" and "val" in n.meta
     wa = [n for n in w8a8.graph.nodes if n.target is QLINEAR_WA]
     assert len(wa) == 14 and all(w8a8.get_constant(n.args[3]).dtype == torch.int8 for n in wa)
     # the activation dequantize is gone; the shared quantize feeds q, k and v directly
@@ -181,12 +177,10 @@ def test_redundant_requantize_pair_is_removed():
     assert torch.equal(qg(x, s, z), before)
 
 
-def test_registered_and_requires_quantize(tiny):
+def test_registered_and_a_float_graph_is_left_alone(tiny):
     assert get_pass_class("fold_qdq") is FoldQDQPass
-    with pytest.raises(Exception, match="requires pass"):
-        FoldQDQPass()(tiny[0].copy(), PassContext())
     float_graph = tiny[0].copy()
-    result = FoldQDQPass()(float_graph, PassContext(completed=["quantize"]))
+    result = FoldQDQPass()(float_graph, PassContext())
     assert not result.changed and result.report["folded"] == 0
 
 
@@ -207,7 +201,7 @@ def test_tied_head_and_embedding_share_one_packed_table(tiny):
     assert torch.equal(folded(ids).logits, qg(ids).logits)
     emb = next(n for n in folded.graph.nodes if n.target is QEMBEDDING)
     head = next(
-        n for n in folded.graph.nodes if n.target is QLINEAR_W and qmeta.get(n)[qmeta.ROLE] == "lm_head"
+        n for n in folded.graph.nodes if n.target is QLINEAR_W and keys.get(n)[keys.ROLE] == "lm_head"
     )
     assert emb.args[1] is head.args[1] and emb.args[4:] == (4, 48, 16)
     assert not any(t.dtype == torch.float32 and t.shape == (256, 48) for t in folded.graph_module.buffers())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile
-from qcompile.instruments import EquivalenceCheck
-from qcompile.models import tiny_bert, tiny_llama
+from qcompile.pipeline.instruments import EquivalenceCheck
+from qcompile.tools.models import tiny_bert, tiny_llama
 
 # fp32 graphs, merges in float64: folding moves outputs by one rounding of each changed weight.
 EQUIV_RTOL = 1e-5
@@ -109,8 +109,8 @@ def test_calibration_statistics_follow_the_fold(llama):
     qm, _ = _fuse(qg, batches, ("analyze", "calibrate", "fuse_norms"))
     moved = qm.pipeline.results[-1][1].qgraph
     fresh, _ = _fuse(qg, batches, ("analyze", "fuse_norms", "calibrate"))
-    ours = qcompile.meta.get(moved.node("linear_4"))["act_stats"]
-    theirs = qcompile.meta.get(fresh.qgraph.node("linear_4"))["act_stats"]
+    ours = qcompile.ir.keys.get(moved.node("linear_4"))["act_stats"]
+    theirs = qcompile.ir.keys.get(fresh.qgraph.node("linear_4"))["act_stats"]
     torch.testing.assert_close(ours.channel_absmax, theirs.channel_absmax, rtol=1e-5, atol=1e-6)
 
 
@@ -161,7 +161,9 @@ def test_post_ln_bert_reports_what_cannot_be_fused():
 
 
 def test_fuse_norms_needs_the_analysis():
-    from qcompile.recipe import RecipeError, load_recipe
+    from qcompile.pipeline.recipe import RecipeError, load_recipe
 
-    with pytest.raises(RecipeError, match="'fuse_norms' requires analyze"):
+    with pytest.raises(
+        RecipeError, match="'fuse_norms' requires a structural analysis .*; run analyze earlier"
+    ):
         load_recipe({"recipe": {"name": "t"}, "passes": ["fuse_norms"]})

@@ -1,4 +1,4 @@
-"""GPTQ (qcompile.gptq): against RTN on correlated inputs, against an independent sequential reference,
+"""GPTQ (qcompile.quant.gptq): against RTN on correlated inputs, against an independent sequential reference,
 the storage contract shared with RTN, dead inputs, and the diagonal-Hessian property (GPTQ == RTN)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.gptq import GPTQError, gptq_quantize
-from qcompile.qscheme import WeightQuantSpec
-from qcompile.quantizers import expand_groups, quantize_weight
-from qcompile.recipe import load_recipe
+from qcompile.pipeline.recipe import load_recipe
+from qcompile.quant.gptq import GPTQError, gptq_quantize
+from qcompile.quant.rtn import expand_groups, quantize_weight
+from qcompile.quant.scheme import WeightQuantSpec
 
 OUT, IN, TOKENS = 48, 80, 1024  # in = 80 with groups of 32: two groups and a ragged one of 16
 

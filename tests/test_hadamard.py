@@ -1,4 +1,4 @@
-"""Hadamard matrices, fallbacks and the qcompile::hadamard op (METHODS.md "Rotation", DESIGN.md ops).
+"""Hadamard matrices, fallbacks and the qcompile::hadamard op (docs/methods.md "Rotation", docs/architecture.md ops).
 
 Every K-matrix is checked exactly in integers; transforms against the dense matrix; SmolLM2's sizes
 (576 = 36·16, 1536 = 12·128, 9 heads) against the documented, reported behaviour.
@@ -11,9 +11,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qcompile import hadamard as had
-from qcompile import hadamard_k
-from qcompile.hadamard_op import HADAMARD, hadamard_op_call_args
+from qcompile.ops.hadamard import HADAMARD, hadamard_op_call_args
+from qcompile.quant import hadamard as had
+from qcompile.quant import hadamard_k
 
 METHODS_K = {1, 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172}
 

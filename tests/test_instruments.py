@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.instruments import (
+from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, get_pass_class
+from qcompile.pipeline.instruments import (
     TRANSFORMED_NODES,
     DumpIR,
     EquivalenceCheck,
@@ -19,8 +20,7 @@ from qcompile.instruments import (
     instruments_from_env,
     relative_error,
 )
-from qcompile.pass_base import Pass, PassContext, PassError, PassResult, get_pass_class
-from qcompile.pass_manager import PassManager
+from qcompile.pipeline.manager import PassManager
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -207,7 +207,7 @@ def test_stop_after_ends_the_pipeline(qgraph: qcompile.QGraph) -> None:
     result = pm.run(qgraph, ctx)
     assert result.stopped_early and result.stopped_after == "rescale_hidden"
     assert result.skipped == ["insert_mul"]
-    assert ctx.completed == ["noop", "rescale_hidden"]
+    assert [name for name, _ in result.results] == ["noop", "rescale_hidden"]
     assert "stopped after rescale_hidden" in result.summary()
 
 

@@ -13,8 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from qcompile import models
-from qcompile.models import ByteTokenizer, ModelFetchError, tiny_bert, tiny_llama
+from qcompile.tools import models
+from qcompile.tools.models import ByteTokenizer, ModelFetchError, tiny_bert, tiny_llama
 
 # ---- tiny models ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.analysis.patterns import SDPA_OPS
 from qcompile.backends.onnx import (
     ExportOptions,
     OrtDecoder,
@@ -24,8 +25,8 @@ from qcompile.backends.onnx import (
     export_decoder,
     make_session,
 )
-from qcompile.backends.onnx.attention import GQA_ATTENTION, FuseAttentionPass, fuse_attention
-from qcompile.patterns import SDPA_OPS
+from qcompile.ops import GQA_ATTENTION
+from qcompile.passes.fuse_attention import FuseAttentionPass, fuse_attention
 
 NUM_LAYERS = 2  # tiny Llama: 2 layers, 6 heads over 2 kv heads, head_dim 8
 

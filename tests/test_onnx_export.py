@@ -214,7 +214,7 @@ def test_smollm2_prefill_parity(smollm2_qgraph, tmp_path, recipe):
 
 @pytest.mark.slow
 def test_cli_export_onnx_prints_a_summary(tmp_path, capsys):
-    from qcompile.cli import main
+    from qcompile.tools.cli import main
 
     out = tmp_path / "cli.onnx"
     argv = ["export-onnx", "tiny-llama", "--recipe", "w4a16-rtn", "--out", str(out)]
@@ -271,7 +271,11 @@ def test_asymmetric_int4_weights_reach_matmulnbits_with_zero_points(tiny_model, 
     calibration = [torch.randint(0, 256, (1, 24), generator=gen) for _ in range(3)]
     path = tmp_path / "asym.onnx"
     exp = export_decoder(
-        tiny_model, path, recipe=W4A16_ASYM_CLIP, qgraph=tiny_decoder, calibration=calibration,
+        tiny_model,
+        path,
+        recipe=W4A16_ASYM_CLIP,
+        qgraph=tiny_decoder,
+        calibration=calibration,
         options=ExportOptions(accuracy_level=1),
     )
     proto = onnx.load(str(path))

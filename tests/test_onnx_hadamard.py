@@ -20,9 +20,9 @@ from qcompile.backends.onnx import (
     make_session,
     run_flat,
 )
-from qcompile.hadamard import hadamard_transform, online_plan, plan_matrix
-from qcompile.hadamard_op import hadamard_op_call_args
-from qcompile.models import tiny_llama
+from qcompile.ops.hadamard import hadamard_op_call_args
+from qcompile.quant.hadamard import hadamard_transform, online_plan, plan_matrix
+from qcompile.tools.models import tiny_llama
 
 
 class OnlineRotation(torch.nn.Module):
@@ -114,7 +114,11 @@ def test_rotated_decoder_exports_and_matches_reference(tmp_path: Path, recipe, t
     calibration = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(4)]
     path = tmp_path / "rot.onnx"
     exp = export_decoder(
-        model, path, recipe=recipe, qgraph=decoder, calibration=calibration,
+        model,
+        path,
+        recipe=recipe,
+        qgraph=decoder,
+        calibration=calibration,
         options=ExportOptions(accuracy_level=1),
     )
     proto = onnx.load(str(path))

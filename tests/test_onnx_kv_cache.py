@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.analysis.patterns import is_op
 from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, capture_decoder, export_decoder
-from qcompile.backends.onnx.attention import GQA_ATTENTION_INT8KV, fuse_attention, int8_cache_scales
-from qcompile.pass_base import PassError
-from qcompile.patterns import is_op
+from qcompile.ops import GQA_ATTENTION_INT8KV
+from qcompile.passes.fuse_attention import fuse_attention, int8_cache_scales
+from qcompile.pipeline.contract import PassError
 from tests.test_quantize_kv import KV_RECIPE
 
 NUM_LAYERS = 2
@@ -36,7 +37,7 @@ KV8_W4 = {
 
 @pytest.fixture(scope="module")
 def model():
-    from qcompile.models import tiny_llama
+    from qcompile.tools.models import tiny_llama
 
     return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -196,7 +197,7 @@ def _close(ort_logits: np.ndarray, ref: torch.Tensor) -> None:
 
 
 def test_cli_kv_cache_bits_appends_quantize_kv(tmp_path, capsys):
-    from qcompile.cli import main
+    from qcompile.tools.cli import main
 
     out = tmp_path / "cli_kv8.onnx"
     argv = ["export-onnx", "tiny-llama", "--recipe", "w4a16-rtn", "--out", str(out), "--calib", "4x64"]

@@ -36,7 +36,7 @@ from tests.test_onnx_export import W4A16_G32
 def tiny_model():
     """Tiny Llama with head_dim 16: ORT's GroupQueryAttention rotates in-kernel only for head sizes
     that are multiples of 16 (the shared fixture's head_dim is 8)."""
-    from qcompile.models import tiny_llama
+    from qcompile.tools.models import tiny_llama
 
     return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 

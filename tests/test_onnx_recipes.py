@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qcompile.backends.onnx import ExportOptions, OrtDecoder, capture_decoder, export_decoder
-from qcompile.models import tiny_llama
-from qcompile.recipe import list_recipes, load_recipe
+from qcompile.pipeline.recipe import list_recipes, load_recipe
+from qcompile.tools.models import tiny_llama
 
 
 def _tolerance(recipe: str) -> float:
@@ -44,7 +44,11 @@ def test_every_recipe_exports_checks_and_matches(model_and_decoder, tmp_path: Pa
     calibration = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(4)]
     path = tmp_path / f"{recipe}.onnx"
     exp = export_decoder(
-        model, path, recipe=recipe, qgraph=decoder, calibration=calibration,
+        model,
+        path,
+        recipe=recipe,
+        qgraph=decoder,
+        calibration=calibration,
         options=ExportOptions(accuracy_level=1),
     )
     onnx.checker.check_model(str(path))

@@ -155,3 +155,51 @@ def test_ops_survive_torch_export_with_dynamic_shapes():
             assert tuple(node.meta["val"].shape) == (16, 48)
     x2 = torch.randn(3, 9, 48)  # other batch and sequence than the example
     torch.testing.assert_close(ep.module()(x2), mod(x2), rtol=0, atol=0)
+
+
+# ---- the registry ------------------------------------------------------------------------------------
+
+
+def test_importing_qcompile_alone_defines_every_op() -> None:
+    """A graph holding any qcompile op (attention included) runs after ``import qcompile`` alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, qcompile\n"
+        "names = sorted(qcompile.ops.OPS)\n"
+        "assert all(hasattr(torch.ops.qcompile, n) for n in names), names\n"
+        "import sys; assert not any(m.startswith('qcompile.backends') for m in sys.modules)\n"
+        "print(' '.join(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == sorted(
+        [
+            "choose_qparams_per_token",
+            "dequantize",
+            "gqa_attention",
+            "gqa_attention_int8kv",
+            "hadamard",
+            "qembedding",
+            "qlinear_w",
+            "qlinear_wa",
+            "quantize",
+        ]
+    )
+
+
+def test_registry_rows_point_at_the_ops_and_their_references() -> None:
+    from qcompile.ops import registry
+
+    for name, op in registry.OPS.items():
+        assert op.overload is getattr(torch.ops.qcompile, name).default
+        assert registry.implementation("reference", op.overload) is op.reference
+        assert op.doc and op.module.startswith("qcompile.ops.")
+    table = registry.coverage_table()
+    assert all(f"`qcompile::{name}`" in table for name in registry.OPS)
+    with pytest.raises(ValueError, match="defined twice"):
+        registry.define("quantize", "(Tensor x) -> Tensor")(lambda x: x)
+    with pytest.raises(KeyError, match="unknown op qcompile::nope"):
+        registry.implementation("onnx", "nope")
+    with pytest.raises(KeyError, match="backend 'nobody' has no implementation of qcompile::quantize"):
+        registry.implementation("nobody", "quantize")

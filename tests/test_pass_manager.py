@@ -6,9 +6,18 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.instruments import DumpIR, EquivalenceCheck, Instrument, StopAfter, Timing
-from qcompile.pass_base import PASS_REGISTRY, Pass, PassContext, PassError, PassResult
-from qcompile.pass_manager import PassManager, PipelineResult, run_recipe
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import PASS_REGISTRY, Pass, PassContext, PassError, PassResult
+from qcompile.pipeline.instruments import (
+    DisablePasses,
+    DumpIR,
+    EquivalenceCheck,
+    Instrument,
+    StopAfter,
+    Timing,
+    VerifyIR,
+)
+from qcompile.pipeline.manager import PassManager, PipelineResult, run_recipe
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -54,9 +63,9 @@ class RescaleHidden(Pass):
         return PassResult(qgraph, changed=True, report={"scaled": [str(w1.target), str(w2.target)]})
 
 
-class NeedsNoop(Pass):
-    name = "needs_noop"
-    requires = ("noop",)
+class NeedsStructure(Pass):
+    name = "needs_structure"
+    requires = (facts.STRUCTURE,)
 
     def run(self, qgraph: qcompile.QGraph, ctx: PassContext) -> PassResult:
         return PassResult(qgraph, changed=False)
@@ -77,7 +86,7 @@ class ReturnsNothing(Pass):
 
 
 def noop() -> Pass:
-    from qcompile.pass_base import get_pass_class
+    from qcompile.pipeline.contract import get_pass_class
 
     return get_pass_class("noop")()
 
@@ -87,10 +96,9 @@ def test_runs_passes_in_order_and_records_results(qgraph: qcompile.QGraph) -> No
     result = PassManager([noop(), RescaleHidden()], use_env=False).run(qgraph, ctx)
     assert isinstance(result, PipelineResult)
     assert [name for name, _ in result.results] == ["noop", "rescale_hidden"]
-    assert ctx.completed == ["noop", "rescale_hidden"]
     assert result.changed and not result.results[0][1].changed
     assert result.result("rescale_hidden").report["scaled"] == ["fc1.weight", "fc2.weight"]
-    assert result.total_seconds >= 0 and not result.stopped_early
+    assert result.total_seconds > 0 and not result.stopped_early
     assert "rescale_hidden" in result.summary()
     x = torch.randn(5, 4)
     torch.testing.assert_close(result.qgraph(x), qgraph(x), rtol=0, atol=0)
@@ -106,11 +114,60 @@ def test_input_qgraph_is_not_mutated(qgraph: qcompile.QGraph) -> None:
     assert torch.equal(result.qgraph.get_constant("fc1.weight"), before_w * 2)
 
 
-def test_requires_is_checked_before_the_pass(qgraph: qcompile.QGraph) -> None:
-    with pytest.raises(PassError, match="needs_noop: requires pass\\(es\\) noop"):
-        PassManager([NeedsNoop()], use_env=False).run(qgraph)
-    result = PassManager([noop(), NeedsNoop()], use_env=False).run(qgraph)
-    assert [n for n, _ in result.results] == ["noop", "needs_noop"]
+def analyze() -> Pass:
+    from qcompile.pipeline.contract import get_pass_class
+
+    return get_pass_class("analyze")()
+
+
+def test_requires_is_a_fact_checked_on_the_graph_before_the_pass(qgraph: qcompile.QGraph) -> None:
+    with pytest.raises(
+        PassError,
+        match="needs_structure: requires a structural analysis .*, but the graph has no "
+        "structural analysis; run analyze before it",
+    ):
+        PassManager([NeedsStructure()], use_env=False).run(qgraph)
+    result = PassManager([analyze(), NeedsStructure()], use_env=False).run(qgraph)
+    assert [n for n, _ in result.results] == ["analyze", "needs_structure"]
+    # the fact is read off the graph: an analysed graph satisfies it in a new pipeline too …
+    again = PassManager([NeedsStructure()], use_env=False).run(result.qgraph)
+    assert [n for n, _ in again.results] == ["needs_structure"]
+    # … and a graph whose analysis went stale does not, whatever ran before
+    stale = result.qgraph.copy()
+    first = next(n for n in stale.graph.nodes if n.target is LINEAR)
+    first.name = "renamed_linear"
+    with pytest.raises(
+        PassError, match=r"the structural analysis names 1 node\(s\) the graph no longer has, e.g. `linear`"
+    ):
+        PassManager([NeedsStructure()], use_env=False).run(stale)
+
+
+class PromisesStructure(Pass):
+    name = "promises_structure"
+    ensures = (facts.STRUCTURE,)
+
+    def run(self, qgraph: qcompile.QGraph, ctx: PassContext) -> PassResult:
+        return PassResult(qgraph, changed=False)
+
+
+def test_a_pass_that_breaks_its_promise_fails(qgraph: qcompile.QGraph) -> None:
+    with pytest.raises(
+        PassError, match="promises_structure: promised a structural analysis .* but after it ran"
+    ):
+        PassManager([PromisesStructure()], use_env=False).run(qgraph)
+
+
+def test_disabled_passes_do_not_run(qgraph: qcompile.QGraph) -> None:
+    from qcompile.pipeline.instruments import DisablePasses
+
+    result = PassManager([noop(), RescaleHidden()], [DisablePasses(["rescale_hidden"])], use_env=False).run(
+        qgraph
+    )
+    assert [n for n, _ in result.results] == ["noop"] and result.disabled == ["rescale_hidden"]
+    assert "disabled: rescale_hidden" in result.summary()
+    assert torch.equal(result.qgraph.get_constant("fc1.weight"), qgraph.get_constant("fc1.weight"))
+    with pytest.warns(UserWarning, match="no pass named nope"):
+        PassManager([noop()], [DisablePasses(["nope"])], use_env=False).run(qgraph)
 
 
 def test_pass_exception_becomes_pass_error_naming_the_pass(qgraph: qcompile.QGraph) -> None:
@@ -185,8 +242,12 @@ def test_env_instruments_are_added(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
     monkeypatch.setenv("QCOMPILE_DUMP_DIR", str(tmp_path))
     monkeypatch.setenv("QCOMPILE_STOP_AFTER", "noop")
     monkeypatch.setenv("QCOMPILE_CHECK_EQUIVALENCE", "1")
+    monkeypatch.setenv("QCOMPILE_VERIFY_IR", "1")
+    monkeypatch.setenv("QCOMPILE_DISABLE_PASSES", "a, b")
     kinds = [type(i) for i in PassManager([noop()]).instruments]
-    assert kinds == [DumpIR, EquivalenceCheck, StopAfter, Timing]
+    assert kinds == [DisablePasses, DumpIR, VerifyIR, EquivalenceCheck, StopAfter, Timing]
+    disable = PassManager([noop()]).instruments[0]
+    assert disable.names == ["a", "b"]
     mine = Timing()
     pm = PassManager([noop()], [mine])
     assert [i for i in pm.instruments if isinstance(i, Timing)] == [mine]  # explicit wins, no duplicate

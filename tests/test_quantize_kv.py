@@ -13,14 +13,14 @@ import torch
 import torch.fx as fx
 
 import qcompile
-from qcompile import meta as qmeta
 from qcompile import ops
 from qcompile.backends.onnx import capture_decoder
-from qcompile.calibration import calibrate
-from qcompile.pass_base import PassContext, PassError
+from qcompile.ir import keys
 from qcompile.passes.analyze import AnalyzePass
 from qcompile.passes.quantize_kv import QuantizeKVPass
-from qcompile.quantizers import dequantize_ref, quantize_ref
+from qcompile.pipeline.contract import PassContext, PassError
+from qcompile.quant.calibration import calibrate
+from qcompile.quant.rtn import dequantize_ref, quantize_ref
 
 NUM_LAYERS = 2  # tiny Llama: 6 heads over 2 kv heads, head_dim 8
 CALIBRATION = [
@@ -91,7 +91,7 @@ def test_calibration_records_the_cache_entries_per_channel(prefill):
             per_channel = values[name].abs().amax(dim=(0, 2)).flatten()  # [KV, D] -> channel h·D + d
             want[name] = torch.maximum(want[name], per_channel)
     for name in names:
-        kv = qmeta.get(graph.node(name))[qmeta.KV_STATS]
+        kv = keys.get(graph.node(name))[keys.KV_STATS]
         assert kv.n_tokens == 3 * 24 and kv.samples.shape == (72, 16)
         torch.testing.assert_close(kv.channel_absmax, want[name], rtol=0, atol=0)
 
@@ -105,13 +105,13 @@ def test_quantize_kv_puts_every_cache_entry_on_its_int8_grid(prefill):
     for site in sites:
         for name in (site.key_source, site.value_source):
             (dq,) = [u for u in graph.node(name).users if u.target is ops.QUANTIZE][0].users
-            assert dq.target is ops.DEQUANTIZE and qmeta.get(dq)[qmeta.QUANT] == "kv8c"
+            assert dq.target is ops.DEQUANTIZE and keys.get(dq)[keys.QUANT] == "kv8c"
             # every reader of the float entry now reads the dequantized one
             assert set(graph.node(name).users) == {dq.args[0]}
             pairs.append((name, dq))
     values = _node_values(graph, [n for p in pairs for n in (p[0], p[1].name)], (ids,))
     for name, dq in pairs:
-        stats = qmeta.get(graph.node(name))[qmeta.KV_STATS]
+        stats = keys.get(graph.node(name))[keys.KV_STATS]
         scale = (stats.channel_absmax / 127.5).view(1, 2, 1, 8)
         zero = torch.zeros_like(scale, dtype=torch.int8)
         want = dequantize_ref(quantize_ref(values[name], scale, zero, -128, 127, 0), scale, zero, 0)
@@ -131,7 +131,7 @@ def test_quantize_kv_without_calibration_refuses_and_changes_nothing(prefill):
     graph = _analyzed(prefill[0])
     before = graph.print_readable()
     with pytest.raises(PassError, match="quantize_kv: no calibration data; .*calibration="):
-        QuantizeKVPass()(graph, PassContext(completed=["analyze"], show_progress=False))
+        QuantizeKVPass()(graph, PassContext(show_progress=False))
     assert graph.print_readable() == before
 
 
@@ -193,6 +193,6 @@ def test_the_decode_step_is_quantized_the_same_way(tiny_model):
     torch.testing.assert_close(step_logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     # the cache holds grid values: present / scale is integral
     site = qd.qgraph.info["structure"].attentions[0]
-    stats = qmeta.get(qd.qgraph.node(site.key_source))[qmeta.KV_STATS]
+    stats = keys.get(qd.qgraph.node(site.key_source))[keys.KV_STATS]
     k = present[0] / (stats.channel_absmax / 127.5).view(1, 2, 1, 8)
     assert torch.allclose(k, k.round(), atol=1e-3)

@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile import ops  # noqa: F401  (registers torch.ops.qcompile)
-from qcompile.qscheme import ActQuantSpec, WeightQuantSpec, qrange, scheme_string
-from qcompile.quantizers import (
+from qcompile.quant.rtn import (
     clip_objective,
     expand_groups,
     fake_quant_activation,
@@ -21,6 +20,7 @@ from qcompile.quantizers import (
     sqnr_db,
     static_per_tensor_qparams,
 )
+from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec, qrange, scheme_string
 
 Q = torch.ops.qcompile
 

@@ -43,7 +43,7 @@ def test_smollm2_torch_compile_backend(smollm2):
         out = compiled(ids, use_cache=False).logits
         ref = model(ids, use_cache=False).logits
     assert (out - ref).abs().max().item() <= 1e-4
-    from qcompile.compile_backend import last_compiled
+    from qcompile.frontend.compile_backend import last_compiled
 
     record = last_compiled()
     st = record.qgraph.info["structure"]
@@ -56,7 +56,7 @@ def test_smollm2_torch_compile_backend(smollm2):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     return load_minilm()
 
@@ -74,7 +74,7 @@ def test_minilm_capture_and_compile(minilm):
     snapshot = copy.deepcopy(_state(model))
     qg = qcompile.capture(model, (ids,))
     assert (qg(ids).last_hidden_state - ref).abs().max().item() <= 1e-4
-    from qcompile.analysis import analyze
+    from qcompile.analysis.analyzer import analyze
 
     st = analyze(qg)
     assert st.num_layers == 6 and st.residual is not None and st.residual.post_norm

@@ -7,8 +7,9 @@ from typing import Literal
 
 import pytest
 
-from qcompile.pass_base import PASS_REGISTRY, Pass, PassContext, PassError, PassResult
-from qcompile.recipe import PassSpec, Recipe, RecipeError, list_recipes, load_recipe
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import PASS_REGISTRY, Pass, PassContext, PassError, PassResult
+from qcompile.pipeline.recipe import PassSpec, Recipe, RecipeError, list_recipes, load_recipe
 
 
 @dataclass
@@ -21,7 +22,6 @@ class Scale(Pass):
     name = "t_scale"
     kind = "equivalence"
     tolerance = 1e-5
-    requires = ("noop",)
 
     @dataclass
     class Options:
@@ -31,6 +31,14 @@ class Scale(Pass):
         grid: Grid = field(default_factory=Grid)
 
     def run(self, qgraph, ctx: PassContext) -> PassResult:  # never run here
+        return PassResult(qgraph, changed=False)
+
+
+class NeedsCalibration(Pass):
+    name = "t_needs_calibration"
+    requires = (facts.CALIBRATION,)
+
+    def run(self, qgraph, ctx: PassContext) -> PassResult:
         return PassResult(qgraph, changed=False)
 
 
@@ -51,6 +59,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(PASS_REGISTRY, Scale.name, Scale)
     monkeypatch.setitem(PASS_REGISTRY, NeedsSeed.name, NeedsSeed)
+    monkeypatch.setitem(PASS_REGISTRY, NeedsCalibration.name, NeedsCalibration)
 
 
 # ---- pass Options --------------------------------------------------------------------------------
@@ -90,7 +99,7 @@ def test_required_option_and_pass_without_options() -> None:
     with pytest.raises(PassError, match="t_needs_seed: missing required option\\(s\\) seed"):
         NeedsSeed()
     assert NeedsSeed({"seed": 3}).options.seed == 3
-    from qcompile.pass_base import get_pass_class
+    from qcompile.pipeline.contract import get_pass_class
 
     noop = get_pass_class("noop")
     with pytest.raises(PassError, match="noop: takes no options, got: alpha"):
@@ -150,7 +159,20 @@ def test_user_toml_file(tmp_path) -> None:
             {"passes": ["noop", {"name": "t_scale", "beta": 1}]},
             "pass #2: t_scale: unknown option(s) beta; valid options: alpha: float = 0.5; mode:",
         ),
-        ({"passes": ["t_scale"]}, "pass #1 't_scale' requires noop earlier in the recipe"),
+        (
+            {"passes": ["analyze", "t_needs_calibration"]},
+            "pass #2 't_needs_calibration' requires calibration statistics of the linears' inputs in the context; "
+            "run calibrate earlier in the recipe",
+        ),
+        (
+            {"passes": ["analyze", "calibrate", "fuse_norms", "rotate", "t_needs_calibration"]},
+            "pass #5 't_needs_calibration' requires calibration statistics",  # rotate made them stale
+        ),
+        (
+            {"passes": ["analyze", "rotate"]},
+            "pass #2 'rotate' requires weightless norms on the residual stream (γ/β folded into the readers); "
+            "run fuse_norms earlier in the recipe",
+        ),
     ],
 )
 def test_recipe_validation_errors(data: dict, message: str) -> None:

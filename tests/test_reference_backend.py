@@ -7,7 +7,7 @@ import torch
 
 from qcompile import capture
 from qcompile.backends.reference import ReferenceRunner, run
-from qcompile.models import tiny_llama
+from qcompile.tools.models import tiny_llama
 from tests.test_capture import TinyMLP, seeded, token_ids
 
 

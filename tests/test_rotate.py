@@ -9,9 +9,9 @@ from torch import nn
 import qcompile
 from qcompile.equivalence import EquivalenceError
 from qcompile.equivalence.online import OnlineOp, insert_online_transform
-from qcompile.hadamard_op import HADAMARD
-from qcompile.instruments import EquivalenceCheck
-from qcompile.models import tiny_llama
+from qcompile.ops.hadamard import HADAMARD
+from qcompile.pipeline.instruments import EquivalenceCheck
+from qcompile.tools.models import tiny_llama
 
 # fp32 graphs, merges in float64: rotations move outputs by rounding only (measured ~3e-7).
 EQUIV_RTOL = 1e-5
@@ -104,7 +104,7 @@ def test_cross_head_hadamard_where_the_head_count_has_one():
 
 
 def test_post_ln_bert_skips_r1_with_the_reason_and_still_rotates_heads_and_mlp():
-    from qcompile.models import tiny_bert
+    from qcompile.tools.models import tiny_bert
 
     model = tiny_bert()
     x = torch.randint(0, 256, (2, 12))
@@ -116,34 +116,35 @@ def test_post_ln_bert_skips_r1_with_the_reason_and_still_rotates_heads_and_mlp()
 
 
 def test_rotate_without_fuse_norms_is_refused_naming_the_norm(llama):
-    from qcompile.analysis import analyze
-    from qcompile.pass_base import PassContext, PassError
+    from qcompile.analysis.analyzer import analyze
     from qcompile.passes.rotate import RotatePass
-    from qcompile.recipe import RecipeError, load_recipe
+    from qcompile.pipeline.contract import PassContext, PassError
+    from qcompile.pipeline.recipe import RecipeError, load_recipe
 
-    with pytest.raises(RecipeError, match="'rotate' requires fuse_norms"):
+    with pytest.raises(RecipeError, match="'rotate' requires weightless norms .*; run fuse_norms earlier"):
         load_recipe(_recipe(["analyze", "rotate"]))
     qg = llama[1].copy()
     st = analyze(qg)
     first = st.residual.readers[0]
-    ctx = PassContext(completed=["analyze", "fuse_norms"])  # claimed, not done: γ is still there
+    ctx = PassContext()
     with pytest.raises(
-        PassError, match=rf"rms_norm `{first}` .* still has γ .* run fuse_norms before rotate"
+        PassError,
+        match=rf"rotate: requires weightless norms .* still scale their channels \(e.g. `{first}`\); run fuse_norms",
     ):
         RotatePass()(qg, ctx)
 
 
 def test_rotate_drops_stale_calibration_and_static_activations_need_a_new_one(llama):
-    from qcompile.pass_base import PassContext, PassError
-    from qcompile.pass_manager import run_recipe
     from qcompile.passes.quantize import QuantizePass
+    from qcompile.pipeline.contract import PassContext, PassError
+    from qcompile.pipeline.manager import run_recipe
 
     ctx = PassContext(calibration=[(torch.randint(0, 256, (1, 16)),)], show_progress=False)
     result = run_recipe(llama[1], _recipe(["analyze", "calibrate", "fuse_norms", "rotate"]), ctx)
     # q, k, v, gate, up, lm_head (R1), o (R2), down (R4) in both layers: every linear's input moved.
     assert len(result.result("rotate").report["calibration_dropped"]) == 15
     assert ctx.state["calibration"] == {}
-    with pytest.raises(PassError, match="static_per_tensor but no calibration entry"):
+    with pytest.raises(PassError, match="quantize: requires calibration statistics"):
         QuantizePass({"act_mode": "static_per_tensor"})(result.qgraph, ctx)
 
 
@@ -203,7 +204,7 @@ def _matmul_op(m: torch.Tensor, description: str = "dense M") -> OnlineOp:
 
 @pytest.mark.parametrize("kind", ["orthogonal", "invertible"])
 def test_online_transform_absorbs_the_inverse_into_the_linear(kind):
-    from qcompile.analysis import analyze
+    from qcompile.analysis.analyzer import analyze
 
     model = TwoLinears().eval()
     x = torch.randn(3, 5, 12)
@@ -221,7 +222,7 @@ def test_online_transform_absorbs_the_inverse_into_the_linear(kind):
 
 
 def test_online_transform_refuses_an_op_that_does_not_compute_its_matrix():
-    from qcompile.analysis import analyze
+    from qcompile.analysis.analyzer import analyze
 
     model = TwoLinears().eval()
     qg = qcompile.capture(model, (torch.randn(2, 12),))

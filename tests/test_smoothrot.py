@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.analysis import analyze
-from qcompile.calibration import calibrate
-from qcompile.hadamard import online_plan, plan_matrix
-from qcompile.hadamard_op import HADAMARD
-from qcompile.instruments import EquivalenceCheck
-from qcompile.models import tiny_llama
+from qcompile.analysis.analyzer import analyze
 from qcompile.ops import QUANT_OPS
-from qcompile.qscheme import ActQuantSpec, WeightQuantSpec
-from qcompile.quantizers import fake_quant_activation, quantize_weight
-from qcompile.smoothing import SearchObjective, find_groups
+from qcompile.ops.hadamard import HADAMARD
+from qcompile.pipeline.instruments import EquivalenceCheck
+from qcompile.quant.calibration import calibrate
+from qcompile.quant.hadamard import online_plan, plan_matrix
+from qcompile.quant.rtn import fake_quant_activation, quantize_weight
+from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec
+from qcompile.quant.smoothing import SearchObjective, find_groups
+from qcompile.tools.models import tiny_llama
 
 W4 = WeightQuantSpec(4, True, 32)
 A4 = ActQuantSpec(4, "dynamic_per_token", True)

@@ -13,7 +13,6 @@
   in-place cache :meth:`OrtDecoder.step_inplace` and ``generate`` run on.
 """
 
-from qcompile.backends.onnx.decoder import CacheLayout, DecoderStep, capture_decoder
 from qcompile.backends.onnx.decoder_export import DecoderExport, export_decoder, quantize_decoder
 from qcompile.backends.onnx.export import (
     ExportOptions,
@@ -27,6 +26,7 @@ from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
 from qcompile.backends.onnx.optimize import OptimizeReport, rewrite_for_ort
 from qcompile.backends.onnx.qdq_format import matmulnbits_to_qdq
 from qcompile.backends.onnx.runtime import KVCache, OrtDecoder, SessionOptions, make_session, run_flat
+from qcompile.frontend.decoder import CacheLayout, DecoderStep, capture_decoder
 
 __all__ = [
     "CacheLayout",

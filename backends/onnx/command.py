@@ -16,7 +16,7 @@ import torch
 from qcompile.backends.onnx.decoder_export import export_decoder
 from qcompile.backends.onnx.export import ExportOptions, ExportReport, export_onnx
 from qcompile.backends.onnx.head import HeadQuantOptions, format_head_report, quantize_head
-from qcompile.recipe import Recipe, load_recipe
+from qcompile.pipeline.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ExportCommand:
 
 def load_causal_lm(name: str) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) for the models the CLI knows."""
-    from qcompile import models
+    from qcompile.tools import models
 
     if name == "smollm2":
         return models.load_smollm2()
@@ -64,7 +64,7 @@ def _recipe(cmd: ExportCommand) -> Recipe:
 
 
 def _calibration(recipe: Recipe, cmd: ExportCommand, tokenizer: Any) -> list[torch.Tensor] | None:
-    from qcompile.data import calibration_windows
+    from qcompile.tools.data import calibration_windows
 
     if not recipe.needs_calibration():
         return None

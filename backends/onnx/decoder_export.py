@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-from qcompile.backends.onnx.attention import FuseAttentionReport, fuse_attention, int8_cache_scales
-from qcompile.backends.onnx.decoder import capture_decoder, example_decoder_inputs
 from qcompile.backends.onnx.export import (
     ExportOptions,
     ExportReport,
@@ -28,7 +26,9 @@ from qcompile.backends.onnx.export import (
     quantized_activation,
 )
 from qcompile.backends.onnx.head import HeadQuantOptions, format_head_report, quantize_head
-from qcompile.ir import QGraph
+from qcompile.frontend.decoder import capture_decoder, example_decoder_inputs
+from qcompile.ir import QGraph, keys
+from qcompile.passes.fuse_attention import FuseAttentionReport, fuse_attention, int8_cache_scales
 
 
 @dataclass
@@ -50,13 +50,13 @@ def quantize_decoder(
     as a prefill (empty cache), which is the plain forward over those tokens."""
     import qcompile
 
-    layout = qgraph.info["decoder"]
+    layout = qgraph.info[keys.INFO_DECODER]
     batches = None
     if calibration is not None:
         batches = [(ids, layout.empty(ids.shape[0])) for ids in calibration]
     example = example_decoder_inputs(layout)
     qm = qcompile.quantize(qgraph, recipe, calibration=batches, example_inputs=example, progress=False)
-    qm.qgraph.info["decoder"] = layout
+    qm.qgraph.info[keys.INFO_DECODER] = layout
     return qm.qgraph, qm.summary()
 
 
@@ -74,7 +74,7 @@ def export_decoder(
     decode step of ``model`` to ``path``. Pass ``qgraph`` (from :func:`capture_decoder`) to reuse a
     capture across recipes. ``head`` also quantizes lm_head / the embedding (:mod:`.head`)."""
     captured = qgraph if qgraph is not None else capture_decoder(model)
-    layout = captured.info["decoder"]
+    layout = captured.info[keys.INFO_DECODER]
     qg, summary = quantize_decoder(captured, recipe, calibration)
     if head is not None:
         head_report = quantize_head(qg, head)
@@ -147,7 +147,7 @@ def verify_decoder_file(
     import onnx
     import onnxruntime as ort
 
-    layout = qgraph.info["decoder"]
+    layout = qgraph.info[keys.INFO_DECODER]
     model = onnx.load(str(path))
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":

@@ -10,7 +10,7 @@ native to it, and the accuracy level is fixed in the file instead of in each ses
 
 MatMulNBits ``accuracy_level`` (:class:`ExportOptions`): 4 (default) lets ORT's CPU kernel quantize
 the activation to int8 per block and use integer dot products — the fast path (measured on
-SmolLM2, see BENCHMARKS_ORT.md) at a small error of its own (≈0.5–1 % relative on one product);
+SmolLM2, see BENCHMARKS.md) at a small error of its own (≈0.5–1 % relative on one product);
 1 keeps the activation fp32, exactly the W4A16 the reference computes (use it to check parity).
 """
 
@@ -27,13 +27,12 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from qcompile import meta as qmeta
 from qcompile import ops
 from qcompile.backends.onnx.translations import translation_table
-from qcompile.ir import QGraph
-from qcompile.pass_base import PassContext
+from qcompile.ir import QGraph, keys
+from qcompile.ops.qlinear import QEMBEDDING, QLINEAR_OPS, QLINEAR_W
 from qcompile.passes.fold_qdq import FoldQDQPass
-from qcompile.qlinear_ops import QEMBEDDING, QLINEAR_OPS, QLINEAR_W
+from qcompile.pipeline.contract import PassContext
 
 
 class OnnxExportError(RuntimeError):
@@ -188,7 +187,7 @@ class ExportReport:
 
 
 def quantized_activation(scheme: str) -> bool:
-    """A scheme string (:mod:`qcompile.qscheme`) whose activation part is quantized (not ``a16``)."""
+    """A scheme string (:mod:`qcompile.quant.scheme`) whose activation part is quantized (not ``a16``)."""
     return "-a" in scheme and not scheme.endswith("-a16")
 
 
@@ -273,7 +272,7 @@ def _folded_copy(qgraph: QGraph) -> tuple[QGraph, str]:
     )
     if not unfolded:
         return graph, ""
-    result = FoldQDQPass()(graph, PassContext(completed=["quantize"], show_progress=False))
+    result = FoldQDQPass()(graph, PassContext(show_progress=False))
     return result.qgraph, result.summary
 
 
@@ -361,11 +360,9 @@ def _report(model: Any, graph: QGraph, path: Path, opts: ExportOptions, fold_sum
     linears = []
     for node in graph.graph.nodes:
         if node.op == "call_function" and (node.target in QLINEAR_OPS or node.target is QEMBEDDING):
-            ann = qmeta.get(node)
-            role, scheme = str(ann.get(qmeta.ROLE, "linear")), str(ann.get(qmeta.QUANT, ""))
-            linears.append(
-                LinearExport(str(ann.get(qmeta.MODULE, node.name)), role, scheme, kernel_for(node))
-            )
+            ann = keys.get(node)
+            role, scheme = str(ann.get(keys.ROLE, "linear")), str(ann.get(keys.QUANT, ""))
+            linears.append(LinearExport(str(ann.get(keys.MODULE, node.name)), role, scheme, kernel_for(node)))
 
     def describe(values: Any) -> list[tuple[str, list[Any], str]]:
         return [(v.name, [str(d) for d in (v.shape or [])], str(v.dtype)) for v in values]

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch.fx as fx
 
-from qcompile import meta as qmeta
 from qcompile import ops
-from qcompile.ir import QGraph
-from qcompile.pass_base import PassContext, PassError
+from qcompile.analysis.structure import Structure
+from qcompile.ir import QGraph, keys
 from qcompile.passes.quantize import QuantizePass
-from qcompile.qscheme import WeightQuantSpec
-from qcompile.quantizers import quantize_weight, sqnr_db
-from qcompile.structure import Structure
+from qcompile.pipeline.contract import PassContext, PassError
+from qcompile.quant.rtn import quantize_weight, sqnr_db
+from qcompile.quant.scheme import WeightQuantSpec
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class HeadQuantOptions:
 
 def quantize_head(qgraph: QGraph, options: HeadQuantOptions) -> dict[str, Any]:
     """Quantize lm_head and/or the embedding of ``qgraph`` in place; returns what was done (SQNR)."""
-    st: Structure | None = qgraph.info.get("structure")
+    st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
     if st is None:
         raise PassError("quantize_head", "no structure on the graph; run the analyze pass first")
     report: dict[str, Any] = {}
@@ -63,7 +62,7 @@ def quantize_head(qgraph: QGraph, options: HeadQuantOptions) -> dict[str, Any]:
             "include_roles": ["lm_head"],
             "exclude_roles": [],
         }
-        result = QuantizePass(pass_opts)(qgraph, PassContext(completed=["analyze"], show_progress=False))
+        result = QuantizePass(pass_opts)(qgraph, PassContext(show_progress=False))
         report["lm_head"] = result.report["linears"]
     if options.embedding_bits:
         report["embedding"] = [_quantize_embedding(qgraph, st, e.node, options) for e in st.embeddings]
@@ -104,7 +103,7 @@ def _quantize_embedding(
     w = qgraph.get_constant(table)
     w_hat = ops.dequantize(*(qgraph.get_constant(a) for a in deq.args[:3]), deq.args[3])
     node.replace_input_with(table, deq)
-    qmeta.set_(node, qmeta.QUANT, spec.short())
+    keys.set_(node, keys.QUANT, spec.short())
     return {
         "node": name,
         "scheme": spec.short(),

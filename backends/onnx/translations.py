@@ -32,16 +32,12 @@ from onnxscript import opset21 as op
 
 from qcompile import ops
 from qcompile.backends.onnx import contrib
-from qcompile.backends.onnx.attention import (
-    GQA_ATTENTION,
-    GQA_ATTENTION_INT8KV,
-    gqa_attention_int8kv_onnx,
-    gqa_attention_onnx,
-)
-from qcompile.hadamard import plan_from_op_args, sylvester_matrix
-from qcompile.hadamard_k import k_matrix
-from qcompile.hadamard_op import HADAMARD
-from qcompile.qlinear_ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
+from qcompile.backends.onnx.attention import gqa_attention_int8kv_onnx, gqa_attention_onnx
+from qcompile.ops import GQA_ATTENTION, GQA_ATTENTION_INT8KV
+from qcompile.ops.hadamard import HADAMARD
+from qcompile.ops.qlinear import QEMBEDDING, QLINEAR_W, QLINEAR_WA
+from qcompile.quant.hadamard import plan_from_op_args, sylvester_matrix
+from qcompile.quant.hadamard_k import k_matrix
 
 FLOAT = TensorProto.FLOAT
 INT8 = TensorProto.INT8
@@ -246,7 +242,7 @@ def _last_dims(x: Any, dims: list[int]) -> Any:
 
 def _kron(x: Any, block: int, k: int) -> Any:
     """``x @ (H_K ⊗ H_p) / √block`` over the last dim: with x as ``[…, K, p]`` that is
-    ``H_Kᵀ · X · H_p`` (the same factorisation as :func:`qcompile.hadamard._kron_transform`)."""
+    ``H_Kᵀ · X · H_p`` (the same factorisation as :func:`qcompile.quant.hadamard._kron_transform`)."""
     p = block // k
     y = op.Reshape(x, _last_dims(x, [k, p]))
     y = op.MatMul(y, _const(sylvester_matrix(p).double() / block**0.5))

@@ -1,9 +1,9 @@
 """The equivalence engine: insert ``T·T⁻¹`` at a linear's input and absorb each half into neighbouring
-constants (DESIGN.md, "The equivalence engine"; METHODS.md, SmoothQuant fold and rotation R1/R2).
+constants (docs/architecture.md, "The equivalence engine"; docs/methods.md, SmoothQuant fold and rotation R1/R2).
 
 Passes decide *what* T is; the engine decides *where* it can go and refuses loudly when it cannot::
 
-    from qcompile.analysis import analyze
+    from qcompile.analysis.analyzer import analyze
     from qcompile.equivalence import apply_diagonal, region_for_norm
 
     st = analyze(qg)

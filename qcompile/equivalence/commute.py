@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from qcompile import patterns as P
+from qcompile.analysis import patterns as P
+from qcompile.analysis.structure import NormSite
 from qcompile.equivalence.errors import Refusal
 from qcompile.equivalence.probes import ConcreteSizes, distinct_rows
 from qcompile.equivalence.transforms import Transform
 from qcompile.ir import QGraph
-from qcompile.structure import NormSite
 
 aten = torch.ops.aten
 

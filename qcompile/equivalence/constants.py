@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from qcompile import meta as qmeta
 from qcompile.equivalence.producers import ConstantUpdate
-from qcompile.ir import QGraph
+from qcompile.ir import QGraph, keys
 
 
 @dataclass
@@ -60,8 +59,8 @@ def _rewire(qgraph: QGraph, reader: fx.Node, original: str, value: torch.Tensor)
 
 def _retarget_structure(qgraph: QGraph, reader: fx.Node, old: str, new: str) -> None:
     """Keep the analysis' Structure (and node annotations) pointing at the constants readers really use."""
-    structure = qgraph.info.get("structure")
-    sites = [qmeta.get(reader).get(qmeta.LINEAR)]
+    structure = qgraph.info.get(keys.INFO_STRUCTURE)
+    sites = [keys.get(reader).get(keys.LINEAR)]
     if structure is not None:
         sites.append(structure.linears.get(reader.name))
         sites += [e for e in structure.embeddings if e.node == reader.name]

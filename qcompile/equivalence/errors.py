@@ -1,9 +1,9 @@
 """How the equivalence engine refuses: one error type that names the pass, the node, the op, the
-reason and the way out (STYLE.md, "Errors name the place")."""
+reason and the way out (docs/architecture.md, "Errors name the place")."""
 
 from __future__ import annotations
 
-from qcompile.pass_base import PassError
+from qcompile.errors import PassError
 
 
 class EquivalenceError(PassError):

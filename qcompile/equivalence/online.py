@@ -1,6 +1,6 @@
 """Online transforms: the half of ``T·T⁻¹`` that no constant can absorb stays in the graph as an op.
 
-DESIGN.md ("The equivalence engine"): "a half that cannot be absorbed stays in the graph as an explicit
+docs/architecture.md ("The equivalence engine"): "a half that cannot be absorbed stays in the graph as an explicit
 op (an *online* transform, e.g. the R4 Hadamard before down_proj)". For a linear ``y = x Wᵀ``:
 
 - :func:`insert_online_transform` puts an op computing ``x → x M`` in front of the linear at run time
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from qcompile import patterns as P
+from qcompile.analysis import patterns as P
 from qcompile.equivalence.constants import ConstantChange, write_updates
 from qcompile.equivalence.errors import EquivalenceError
 from qcompile.equivalence.producers import ConstantUpdate

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from qcompile import patterns as P
+from qcompile.analysis import patterns as P
+from qcompile.analysis.structure import NormSite
 from qcompile.equivalence.errors import Refusal
 from qcompile.equivalence.regions import EmbeddingSource, LinearSource, NormSource, Region, Source
 from qcompile.equivalence.transforms import Transform
 from qcompile.ir import QGraph
-from qcompile.structure import NormSite
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qcompile.structure import AttentionSite, MLPSite, NormSite, Structure
+from qcompile.analysis.structure import AttentionSite, MLPSite, NormSite, Structure
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The transforms ``T`` the engine inserts as ``T·T⁻¹`` at a linear's input, in float64.
 
-Convention (DESIGN.md, "The equivalence engine"): for ``y = x Wᵀ``, the producer side absorbs
+Convention (docs/architecture.md, "The equivalence engine"): for ``y = x Wᵀ``, the producer side absorbs
 ``x → x T`` and every consumer absorbs ``W → W T⁻ᵀ``, so ``(x T)(W T⁻ᵀ)ᵀ = x Wᵀ``.
 
 ``T`` is defined on the *source channels*: the last dim of the region's source outputs (for the

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from qcompile import patterns as P
+from qcompile.analysis import patterns as P
+from qcompile.analysis.structure import NormSite
 from qcompile.equivalence.commute import Step, op_label, pass_norm, pass_op
 from qcompile.equivalence.errors import EquivalenceError, Refusal
 from qcompile.equivalence.probes import ConcreteSizes, constant_row, seed_probe
 from qcompile.equivalence.regions import EmbeddingSource, LinearSource, NormSource, Region, Source
 from qcompile.equivalence.transforms import Transform
 from qcompile.ir import QGraph
-from qcompile.structure import NormSite
 
 
 @dataclass
