@@ -172,7 +172,9 @@ def test_importing_qcompile_alone_defines_every_op() -> None:
         "import sys; assert not any(m.startswith('qcompile.backends') for m in sys.modules)\n"
         "print(' '.join(names))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == sorted(
         [
             "choose_qparams_per_token",
