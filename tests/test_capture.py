@@ -95,8 +95,18 @@ def assert_qgraph_form(qgraph: QGraph, model: nn.Module, n_inputs: int) -> None:
             f"{node.target} shares the caller's storage"
         )
         assert tuple(node.meta["val"].shape) == tuple(value.shape)
-    n_weights = sum(p.numel() for p in model.parameters())
-    assert qgraph.num_parameters() >= 0.5 * n_weights  # tied weights are stored once
+    # Constants are named after the model's own parameters and buffers, equal to them, each storage
+    # stored once (a tied embedding and lm_head share one constant), and every parameter is there.
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(
+        model.named_buffers(remove_duplicate=False)
+    )
+    targets = sorted({str(n.target) for n in attrs})
+    assert [t for t in targets if t not in named] == [], "constants that are not the model's"
+    for target in targets:
+        assert torch.equal(qgraph.get_constant(target), named[target].detach()), target
+    storages = [named[t].untyped_storage().data_ptr() for t in targets]
+    assert len(set(storages)) == len(storages), "a tied weight is stored twice"
+    assert {p.untyped_storage().data_ptr() for p in model.parameters()} <= set(storages)
 
 
 # ---- capture -------------------------------------------------------------------------------------

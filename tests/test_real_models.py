@@ -28,7 +28,6 @@ def test_smollm2_capture_matches_eager(smollm2, smollm2_qgraph):
     with torch.no_grad():
         ref2 = model(other, use_cache=False).logits
     assert (qg(other).logits - ref2).abs().max().item() <= 1e-4
-    assert model.config.use_cache is not False or True  # the caller's config is whatever it was
     assert all(n.op != "placeholder" or n.name.startswith(("input", "arg")) for n in qg.graph.nodes)
 
 
