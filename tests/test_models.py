@@ -158,8 +158,8 @@ def test_fetch_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.real
-def test_load_smollm2() -> None:
-    model, tok = models.load_smollm2()
+def test_load_smollm2(smollm2) -> None:
+    model, tok = smollm2  # models.load_smollm2(), loaded once per session (tests/conftest.py)
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
