@@ -37,7 +37,7 @@ from qcompile.ir import QGraph
 aten = torch.ops.aten
 
 # Ops that move or relabel values without computing: run them on the probe as they are.
-LAYOUT_OPS = (
+DATA_MOVEMENT_OPS = (
     P.VIEW_OPS
     | P.PERMUTE_OPS
     | {
@@ -51,7 +51,6 @@ LAYOUT_OPS = (
         operator.getitem,
     }
 )
-_VIEWS = {aten.view.default, aten._unsafe_view.default}
 SIGN_OPS = {aten.neg.default}
 COMBINE_OPS = P.ADD_OPS | {aten.sub.Tensor}
 SCALE_OPS = P.MUL_OPS | {aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar}
@@ -98,7 +97,7 @@ def _layout(step: Step) -> Any:
         )
     # Views and reshapes give the same values; on the probe (whose strides differ from the real
     # tensor's, e.g. after sdpa) only reshape is always allowed.
-    op = aten.reshape.default if node.target in _VIEWS else node.target
+    op = aten.reshape.default if node.target in P.RESHAPE_OPS else node.target
     return op(*args, **kwargs)
 
 
@@ -204,7 +203,7 @@ def op_label(node: fx.Node) -> str:
 
 
 RULES: dict[Any, Callable[[Step], Any]] = {
-    **{op: _layout for op in LAYOUT_OPS},
+    **{op: _layout for op in DATA_MOVEMENT_OPS},
     **{op: _identity for op in P.CAST_OPS | SIGN_OPS},
     **{op: _combine for op in COMBINE_OPS},
     **{op: _scale for op in SCALE_OPS},
