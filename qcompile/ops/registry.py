@@ -14,6 +14,7 @@ complete). The ``reference`` column is always full: the reference implementation
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ class OpDef:
 
     name: str
     schema: str
-    doc: str  # first line of the reference implementation's docstring
+    doc: str  # first paragraph of the reference implementation's docstring
     overload: torch._ops.OpOverload
     reference: Callable[..., Any]
     module: str  # where the op (reference and fake) is defined
@@ -50,7 +51,7 @@ def define(name: str, schema: str) -> Callable[[Callable[..., Any]], Any]:
             raise ValueError(f"op qcompile::{name} is defined twice ({OPS[name].module}, {fn.__module__})")
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=schema)(fn)
         overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        doc = " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         OPS[name] = OpDef(name, schema, doc, overload, fn, fn.__module__)
         return op
 
