@@ -258,3 +258,21 @@ def test_export_options_are_data_not_flags():
     assert not fields & {"pack_projections", "rms_norm_div", "share_kv_buffer", "fuse_rotary", "verify"}
     names = [p.name for p in ONNX_TARGET.passes(ExportOptions(int4_format="qdq"), decode_step=True)]
     assert names == [*LOWERING[:-1], "onnx.qdq_format", "onnx.verify"]
+
+
+def test_qdq_format_pass_is_checked_and_verified(exported):
+    """``int4_format = "qdq"``: the pass rewrites every MatMulNBits into DequantizeLinear(INT4) → MatMul,
+    the equivalence check runs it at the same accuracy level as before, and onnx.verify (ORT's fused
+    kernel at session-config level 1) still matches the reference."""
+    from qcompile.backends.onnx.qdq_format import QDQFormatPass
+    from qcompile.backends.onnx.verify import VerifyPass
+    from qcompile.pipeline.contract import PassContext
+
+    model, quantized = exported
+    sample = example_decoder_inputs(quantized.info[keys.INFO_DECODER], batch=2, past=4, seq=3)
+    ctx = PassContext(sample_inputs=[sample], state={keys.STATE_REFERENCE: quantized})
+    check = EquivalenceCheck()
+    result = PassManager([QDQFormatPass(), VerifyPass()], [check]).run(model, ctx)
+    assert result.ir.int4_format == "qdq" and "MatMulNBits" not in result.ir.op_counts()
+    assert result.result("onnx.qdq_format").report["count"] == 14 and check.records[0].passed
+    assert result.result("onnx.verify").report["max_relative_error"] < 1e-5

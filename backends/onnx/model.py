@@ -115,9 +115,7 @@ class OnnxModel:
         for what, names in (("input", self.input_names), ("output", self.output_names)):
             twice = [n for n, k in collections.Counter(names).items() if k > 1]
             if twice:
-                problems.append(
-                    f"graph {what} {twice[0]!r} is declared {len(names) - len(set(names)) + 1} times"
-                )
+                problems.append(f"graph {what}(s) declared more than once: {', '.join(twice)}")
         return problems
 
     def flatten_inputs(self, args: tuple) -> list[Any]:
@@ -140,19 +138,18 @@ class OnnxModel:
             proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
         )
 
-    def feeds(self, flat_inputs: list[Any], session: Any) -> dict[str, np.ndarray]:
-        """Name -> array for ``session``: the QGraph's flat inputs cast to the declared types, and
+    def feeds(self, flat_inputs: list[Any]) -> dict[str, np.ndarray]:
+        """Input name -> array: the QGraph's flat inputs cast to the declared types, and
         ``past_sequence_length`` (a shared-buffer decode step) read off the cache shapes."""
-        metas = [m for m in session.get_inputs() if m.name != PAST_LENGTH_INPUT]
-        if len(metas) != len(flat_inputs):
-            raise ValueError(
-                f"OnnxModel: {len(flat_inputs)} inputs given, the model takes {[m.name for m in metas]}"
-            )
+        declared = {v.name: v.type.tensor_type.elem_type for v in self.graph.input}
+        names = [name for name in declared if name != PAST_LENGTH_INPUT]
+        if len(names) != len(flat_inputs):
+            raise ValueError(f"OnnxModel: {len(flat_inputs)} inputs given, the model takes {names}")
         feeds = {}
-        for meta, value in zip(metas, flat_inputs, strict=True):
+        for name, value in zip(names, flat_inputs, strict=True):
             array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            feeds[meta.name] = array.astype(_numpy_type(meta.type), copy=False)
-        if any(m.name == PAST_LENGTH_INPUT for m in session.get_inputs()):
+            feeds[name] = array.astype(onnx.helper.tensor_dtype_to_np_dtype(declared[name]), copy=False)
+        if PAST_LENGTH_INPUT in declared:
             past = next(v for k, v in feeds.items() if k.startswith(PAST_PREFIX))
             feeds[PAST_LENGTH_INPUT] = np.array([past.shape[2]], dtype=np.int64)
         return feeds
@@ -160,7 +157,7 @@ class OnnxModel:
     def run_flat(self, flat_inputs: list[Any]) -> list[torch.Tensor]:
         """Run in ONNX Runtime on flat inputs (see :meth:`feeds`); outputs as torch tensors."""
         session = self.session()
-        return [torch.from_numpy(o) for o in session.run(None, self.feeds(list(flat_inputs), session))]
+        return [torch.from_numpy(o) for o in session.run(None, self.feeds(list(flat_inputs)))]
 
     # ---- the artifact --------------------------------------------------------------------------------
 
@@ -177,12 +174,6 @@ class OnnxModel:
     def __repr__(self) -> str:
         kind = "decode step" if self.is_decode_step else "model"
         return f"OnnxModel({kind}, {len(self.graph.node)} nodes, opset {self.opset})"
-
-
-def _numpy_type(ort_type: str) -> Any:
-    names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-    names |= {"tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
-    return names.get(ort_type, np.float32)
 
 
 def _type_text(t: onnx.TypeProto) -> str:

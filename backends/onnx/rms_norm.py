@@ -113,8 +113,9 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
     return fused
 
 
-# Measured with the EquivalenceCheck instrument (MatMulNBits at accuracy level 1): tiny Llama ~1e-7,
-# SmolLM2 W4A16 decode step — see tests/test_onnx_passes.py and the export report.
+# Max relative output error measured by the EquivalenceCheck instrument (MatMulNBits at accuracy level
+# 1, a random cached step): tiny Llama 2.4e-7 / 3.0e-7; SmolLM2 W4A16 with an int8 head 1.5e-5
+# (rms_norm_div) / 4.0e-5 (fuse_skip_rms_norm). The bound leaves 2.5× of room above the larger.
 ROUNDING_TOLERANCE = 1e-4
 
 

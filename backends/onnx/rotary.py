@@ -195,7 +195,9 @@ class FuseRotaryPass(OnnxRewrite):
 
     name = "onnx.fuse_rotary"
     requires = (ONNX_DECODE_STEP,)
-    tolerance = 1e-4  # cos/sin from float64 angles instead of the graph's float32 ones
+    # cos/sin from float64 angles instead of the graph's float32 ones; measured (EquivalenceCheck, a
+    # random cached step): tiny Llama 2.4e-7, SmolLM2 W4A16 3.3e-5
+    tolerance = 1e-4
     counts = "GroupQueryAttention nodes with RoPE inside (do_rotary)"
 
     @dataclass

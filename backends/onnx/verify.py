@@ -4,7 +4,8 @@ The reference is the graph as it was before lowering (``keep_reference`` puts a 
 context). Both run on the same random inputs — batch 2, 3 new tokens after a random 4-position cache
 — with MatMulNBits at accuracy level 1 (fp32 activations, the reference's semantics); the pass reports
 the largest relative L2 error over the logits and every present tensor. Float-activation models agree
-to ~1e-6 (SmolLM2 W4A16: 1.8e-6); one layer's RoPE halves swapped in the tiny test model is 5e-2, so
+to rounding (SmolLM2 W4A16: 9.7e-6, with an int8 head 9.2e-6; tiny Llama ~2e-7); one layer's RoPE
+halves swapped in the tiny test model is 5e-2, so
 with float activations an error above :attr:`VerifyPass.Options.limit` fails the export. Quantized
 activations (and an int8 KV cache) legitimately move by up to ~6e-2 on random inputs (a flipped
 rounding upstream), so for them the error is reported, not enforced.
@@ -47,8 +48,7 @@ def decoder_error(model: OnnxModel, reference: QGraph, seed: int = 0) -> float:
         )
     with torch.no_grad():
         ref_logits, ref_present = reference(ids, past)
-    session = model.session(exact=True)
-    got = session.run(None, model.feeds([ids, *model_past], session))
+    got = model.session(exact=True).run(None, model.feeds([ids, *model_past]))
     if scales is not None:
         got = got[:1] + [q * s for q, s in zip(got[1:], scales, strict=True)]
     errors = []
