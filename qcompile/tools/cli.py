@@ -51,7 +51,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from qcompile.pipeline.targets import TargetError
+    from qcompile.errors import PassError
     from qcompile.tools.export import ExportCommand, plan_export, run_export
 
     cmd = ExportCommand(
@@ -72,8 +72,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     )
     try:  # every user choice is checked before the model loads; a mistake is one line, not a traceback
         plan_export(cmd)
-    except (ValueError, TargetError) as exc:
-        print(f"qcompile export-onnx: error: {exc}", file=sys.stderr)
+    except (ValueError, PassError) as exc:  # RecipeError, TargetError, ExportError; a pass's options
+        print("qcompile export-onnx: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     export = run_export(cmd)
     print(export.summary())
