@@ -7,10 +7,15 @@ through their torch reference implementations.
 Moving is more than moving constants: a graph traced on one device has that device baked into some
 calls (``aten.arange(..., device=cpu)``, ``aten.to.device(x, cpu)``), so those arguments are
 rewritten too. The caller's QGraph is never touched.
+
+Target ``reference`` (``qcompile.lower(quantized, target="reference")``) folds the Q/DQ graph
+(``fold_qdq``: packed weights and the ``qcompile::qlinear_*`` ops, whose references compute exactly
+what the unfolded graph did) and returns a :class:`ReferenceRunner` on the result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +23,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from qcompile.ir import QGraph
+from qcompile.pipeline.contract import PipelineResult
+from qcompile.pipeline.recipe import PassSpec
+from qcompile.pipeline.targets import Target, register_target
 
-__all__ = ["ReferenceRunner", "run"]
+__all__ = ["REFERENCE_TARGET", "ReferenceOptions", "ReferenceRunner", "run"]
 
 
 def _graph_device(qgraph: QGraph) -> torch.device:
@@ -60,6 +68,7 @@ class ReferenceRunner:
         self.device = torch.device(device) if device is not None else src
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.pipeline: PipelineResult | None = None  # the lowering that made the graph, if any
         if self.device == src:
             self.qgraph = qgraph
         else:
@@ -81,3 +90,23 @@ class ReferenceRunner:
 def run(qgraph: QGraph, *args: Any, device: torch.device | str | None = None, **kwargs: Any) -> Any:
     """Run ``qgraph`` once on ``device`` (see :class:`ReferenceRunner`); for repeated calls, keep a runner."""
     return ReferenceRunner(qgraph, device)(*args, **kwargs)
+
+
+@dataclass
+class ReferenceOptions:
+    """Target ``reference``: where the lowered graph runs."""
+
+    device: str | None = None  # None: where the graph's constants are
+
+
+def _plan(options: ReferenceOptions, decode_step: bool) -> list[PassSpec]:
+    return [PassSpec("fold_qdq")]
+
+
+def _runner(ir: QGraph, pipeline: PipelineResult, options: ReferenceOptions) -> ReferenceRunner:
+    runner = ReferenceRunner(ir, options.device)
+    runner.pipeline = pipeline
+    return runner
+
+
+REFERENCE_TARGET = register_target(Target("reference", ("fold_qdq",), ReferenceOptions, _plan, _runner))

@@ -3,8 +3,9 @@
     python benchmarks/ort_speed.py                              # the default rows, 2 threads
     python benchmarks/ort_speed.py --rows fp w4a16 --threads 2 --ppl-windows 0
 
-Every file is the decode step with its KV cache (``qcompile export-onnx``), with the exporter's
-ORT rewrites (``backends/onnx/optimize.py``; the ``*-plain`` rows without them): prefill = one call
+Every file is the decode step with its KV cache (``qcompile export-onnx``), with target ``onnx``'s
+ONNX Runtime rewrites (the ``onnx.*`` equivalence passes; the ``*-plain`` rows disable them, as
+``--disable-pass 'onnx.*'`` does): prefill = one call
 on a 512-token prompt with an empty cache (batch 1); decode = one token per call at a 512-token
 context (the cache is random: speed does not depend on its values), batch 1 and 8, tokens/s =
 batch × steps / seconds. Files with a shared KV buffer run in place on a fixed-size cache
@@ -42,19 +43,15 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.backends.onnx import (  # noqa: E402
-    ExportOptions,
-    OrtDecoder,
-    SessionOptions,
-    capture_decoder,
-    export_decoder,
-    quantize_decoder,
-)
-from qcompile.backends.onnx.command import load_causal_lm  # noqa: E402
-from qcompile.backends.onnx.export import set_accuracy_level  # noqa: E402
-from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head  # noqa: E402
-from qcompile.ir import keys
+from qcompile.backends.onnx import OrtDecoder, SessionOptions, set_accuracy_level  # noqa: E402
+from qcompile.frontend.decoder import capture_decoder  # noqa: E402
+from qcompile.ir import keys  # noqa: E402
+from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head  # noqa: E402
+from qcompile.pipeline.instruments import DisablePasses  # noqa: E402
 from qcompile.tools.eval import perplexity  # noqa: E402
+from qcompile.tools.export import export_decoder, load_causal_lm, quantize_decoder  # noqa: E402
+
+PLAIN = ("onnx.*",)  # what the *-plain rows disable: every ONNX rewrite (the plain export)
 
 
 @dataclass(frozen=True)
@@ -65,14 +62,16 @@ class Row:
     recipe: str | None  # None: the peer (ORT's quantizer on the FP32 file)
     head: HeadQuantOptions | None = None
     accuracy_level: int = 4
-    rewrites: bool = True  # ExportOptions' ORT rewrites (packed projections, fusable RMSNorm, shared KV)
+    disabled: tuple[str, ...] = ()  # passes (or equivalence-pass patterns) the export does not run
 
 
-def _headed(recipe: str, bits: int, group: int, rewrites: bool = True, label: str | None = None) -> Row:
+def _headed(
+    recipe: str, bits: int, group: int, disabled: tuple[str, ...] = (), label: str | None = None
+) -> Row:
     """A W4A16 row whose lm_head and (tied) embedding are quantized to ``bits`` in ``group``s."""
     name = f"{label or recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc 4"
     head = HeadQuantOptions(bits, bits, group)
-    return Row(name + ("" if rewrites else ", no ORT rewrites"), recipe, head, rewrites=rewrites)
+    return Row(name + ("" if not disabled else ", no ORT rewrites"), recipe, head, disabled=disabled)
 
 
 SQG = "w4a16-smoothquant+-gptq"
@@ -89,8 +88,8 @@ ROWS = {
     "w4a16-head8-g128": _headed("w4a16-rtn", 8, 128),
     "w4a16-sqg-head8-g128": _headed(SQG, 8, 128),
     "peer": Row("peer: ORT MatMulNBitsQuantizer b128 asym, acc 4", None),
-    "fp-plain": Row("fp32, no ORT rewrites", "fp", rewrites=False),
-    "w4a16-sqg-head8-plain": _headed(SQG, 8, 64, rewrites=False),
+    "fp-plain": Row("fp32, no ORT rewrites", "fp", disabled=PLAIN),
+    "w4a16-sqg-head8-plain": _headed(SQG, 8, 64, disabled=PLAIN),
 }
 DEFAULT_ROWS = ["fp", "w8a8", "w4a16", "w4a16-acc1", "w4a16-head", "w4a16-head8", "peer"]
 WORKLOADS = ("prefill", "b1", "b8")  # what a repeat times (``--workloads``)
@@ -127,7 +126,7 @@ def _with_head_group(row: Row, group: int) -> Row:
     """``row`` with its head quantized in groups of ``group`` (``--head-group-size``)."""
     if row.head is None:
         return row
-    return _headed(row.recipe, row.head.lm_head_bits, group, row.rewrites)
+    return _headed(row.recipe, row.head.lm_head_bits, group, row.disabled)
 
 
 class _Timer:
@@ -267,9 +266,7 @@ def _ort_deviation(path: Path, decoder, row: Row, tok, threads: int, n: int = 4,
 
     reference = _references.get((row.recipe, row.head))
     if reference is None:  # --reuse: the file was not exported by this run
-        reference, _ = quantize_decoder(decoder, row.recipe, _calibration(row.recipe, tok))
-        if row.head is not None:
-            quantize_head(reference, row.head)
+        reference = quantize_decoder(decoder, row.recipe, _calibration(row.recipe, tok), head=row.head)
     ids = tokenize(tok, load_wikitext_test())[0][: n * length].view(n, length)
     dec = OrtDecoder(path, SessionOptions(threads=threads))
     ort_logits, _ = dec.step(ids.numpy(), dec.empty_cache(n))
@@ -285,10 +282,10 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
     files: dict[Row, Path] = {}
     for row in rows:
         recipe = row.recipe if row.recipe is not None else "fp"
-        key = (recipe, row.head, row.rewrites)
+        key = (recipe, row.head, row.disabled)
         if key not in exports:
             head = f"-head{row.head.lm_head_bits}g{row.head.group_size}" if row.head else ""
-            stem = f"{recipe}{head}{'' if row.rewrites else '-plain'}"
+            stem = f"{recipe}{head}{'-plain' if row.disabled else ''}"
             path = work / f"{stem}.onnx"
             if not (reuse and path.exists()):
                 t0 = time.perf_counter()
@@ -298,8 +295,8 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
                     recipe=recipe,
                     qgraph=decoder,
                     head=row.head,
-                    options=ExportOptions().with_ort_rewrites(row.rewrites),
                     calibration=_calibration(recipe, tok),
+                    instruments=[DisablePasses(row.disabled)] if row.disabled else [],
                 )
                 _references[key[:2]] = exp.qgraph  # quantized (and head-quantized), unfused: the reference
                 print(

@@ -8,14 +8,14 @@ Protocol: wiki.test.raw (universal newlines), non-overlapping windows from the s
 windows drawn (seeded) from wiki.valid.tokens only. Prints a Markdown table and the command line
 that produced it.
 
-``--ort L …``: each quantized QGraph is also exported (``export_onnx``, the full-sequence forward) with
+``--ort L …``: each quantized QGraph is also lowered to ONNX (``qcompile.lower(..., "onnx")``, the full-sequence forward) with
 MatMulNBits ``accuracy_level`` L and scored by ONNX Runtime on the same windows: the parity column
 is ``ppl_ort / ppl_reference − 1`` (the issue's bar: within 1 %), with its standard error from the
 spread of the per-window NLL differences (:func:`qcompile.tools.eval.paired_delta`): a gap that is
 rounding noise has mixed signs across windows and is of the order of its standard error.
 
 ``--head BITS``: after each recipe, also quantize lm_head and the (tied) embedding table to BITS,
-symmetric groups of ``--head-group`` (default 64; :mod:`qcompile.backends.onnx.head`, what
+symmetric groups of ``--head-group`` (default 64; the ``quantize_head`` pass, what
 ``export-onnx --lm-head-bits --embedding-bits`` ships) — in the reference and in the ORT file alike.
 """
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             qgraph, recipe, calibration=batches if needs_cal else None, example_inputs=example
         )
         if args.head is not None:
-            from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
+            from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head
 
             quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, args.head_group))
         t_quant = time.perf_counter() - t0
@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 def _ort_ppls(qgraph, example: tuple, tok, args: argparse.Namespace) -> dict[int, PerplexityResult]:
     """Export ``qgraph`` (full-sequence forward) once, then score it in ORT on the same windows at
     each requested MatMulNBits accuracy level (the other levels are attribute edits of that file)."""
-    from qcompile.backends.onnx import SessionOptions, export_onnx, make_session, run_flat
-    from qcompile.backends.onnx.export import set_accuracy_level
+    from qcompile.backends.onnx import SessionOptions, make_session, run_flat, set_accuracy_level
 
     result: dict[int, PerplexityResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "model.onnx"
-        export_onnx(qgraph, example, exported, accuracy_level=args.ort[0])
+        artifact = qcompile.lower(qgraph, "onnx", {"accuracy_level": args.ort[0]}, sample_inputs=[example])
+        artifact.save(exported)
         for level in args.ort:
             path = exported
             if level != args.ort[0]:

@@ -37,6 +37,7 @@ from qcompile.analysis.attention import (
 )
 from qcompile.ir import QGraph, keys
 from qcompile.ops import GQA_ATTENTION, GQA_ATTENTION_INT8KV
+from qcompile.pipeline import facts
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -95,11 +96,14 @@ class FuseAttentionReport:
 class FuseAttentionPass(Pass):
     """Replace each decode-step attention core by ``qcompile::gqa_attention`` (module docstring).
 
-    Works in place on the QGraph it is given (export applies it to a copy). Changes no numbers beyond
-    float reassociation inside sdpa: the op's reference runs the ATen ops it replaces."""
+    Works in place on the QGraph it is given (target ``onnx`` schedules it for decode steps, after the
+    recipe and ``keep_reference``). Changes no numbers beyond float reassociation inside sdpa: the
+    op's reference runs the ATen ops it replaces. The structural analysis names the sdpa nodes it
+    removes, so a graph it changed has none afterwards."""
 
     name: ClassVar[str] = "fuse_attention"
     kind = "lowering"
+    invalidates = (facts.STRUCTURE,)
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
         graph = qgraph.graph
@@ -128,6 +132,7 @@ class FuseAttentionPass(Pass):
         if report.fused:
             graph.eliminate_dead_code()  # the masks, repeat_kv copies and cache concats
             qgraph.recompile()
+            qgraph.info.pop(keys.INFO_STRUCTURE, None)  # it names the sdpa nodes that are gone
         report.nodes_after = len(graph.nodes)
         qgraph.info[keys.INFO_ATTENTION] = report
         return PassResult(qgraph, changed=bool(report.fused), report=asdict(report), summary=report.summary())

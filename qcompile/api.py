@@ -1,19 +1,22 @@
-"""The public entry point: ``qcompile.quantize(model, recipe, ...) -> QuantizedModel``."""
+"""The public entry points: ``qcompile.quantize(model, recipe, ...) -> QuantizedModel`` and
+``qcompile.lower(quantized, target=...) -> artifact`` (a target's passes after the recipe's)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qcompile.frontend.capture import capture
-from qcompile.ir import QGraph
+from qcompile.ir import QGraph, keys
 from qcompile.pipeline.contract import PassContext
-from qcompile.pipeline.instruments import Instrument
+from qcompile.pipeline.instruments import DumpIR, Instrument
 from qcompile.pipeline.manager import PassManager, PipelineResult, RecipeLike
 from qcompile.pipeline.recipe import Recipe, load_recipe
+from qcompile.pipeline.targets import get_target
 
 
 @dataclass
@@ -32,10 +35,18 @@ class CalibrationConfig:
 class QuantizedModel:
     """A quantized model: callable like the original forward, holding the QGraph and every pass report."""
 
-    def __init__(self, qgraph: QGraph, recipe: Recipe, pipeline: PipelineResult) -> None:
+    def __init__(
+        self,
+        qgraph: QGraph,
+        recipe: Recipe,
+        pipeline: PipelineResult,
+        sample_inputs: list[tuple] | None = None,
+    ) -> None:
         self.qgraph = qgraph
         self.recipe = recipe
         self.pipeline = pipeline
+        # inputs the graph was checked on (and a lowering traces a graph that is not a decode step on)
+        self.sample_inputs = list(sample_inputs or [])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.qgraph(*args, **kwargs)
@@ -50,6 +61,17 @@ class QuantizedModel:
 
     def summary(self) -> str:
         return f"recipe {self.recipe.name}\n" + self.pipeline.summary()
+
+    def export_onnx(
+        self,
+        path: str | os.PathLike,
+        options: Mapping[str, Any] | Any | None = None,
+        *,
+        instruments: Iterable[Instrument] | None = None,
+    ) -> Any:
+        """Lower to target ``onnx`` and write the file; returns its ``ExportReport``. ``options``:
+        the target's ``ExportOptions`` (or a dict of them)."""
+        return lower(self, "onnx", options, instruments=instruments).save(path)
 
     def __repr__(self) -> str:
         return f"QuantizedModel(recipe={self.recipe.name!r}, {self.qgraph!r})"
@@ -96,7 +118,60 @@ def quantize(
         sample = _as_batches([example_inputs])
     ctx = PassContext(sample_inputs=sample, calibration=batches, seed=seed, show_progress=progress)
     pipeline = PassManager.from_recipe(recipe_obj, instruments).run(qgraph, ctx)
-    return QuantizedModel(pipeline.qgraph, recipe_obj, pipeline)
+    return QuantizedModel(pipeline.qgraph, recipe_obj, pipeline, sample)
+
+
+def lower(
+    model: QuantizedModel | QGraph,
+    target: str = "onnx",
+    options: Mapping[str, Any] | Any | None = None,
+    *,
+    instruments: Iterable[Instrument] | None = None,
+    sample_inputs: Sequence[Any] | None = None,
+) -> Any:
+    """Run target ``target``'s passes (:mod:`qcompile.pipeline.targets`) on a quantized model's graph
+    and return the target's artifact (``onnx``: an ``OnnxArtifact``; ``.save(path)`` writes it).
+
+    The caller's graph is not modified (the pass manager works on a copy). ``options``: the target's
+    options dataclass or a dict of its fields. ``sample_inputs`` (tuples of positional inputs):
+    what the equivalence check runs and a graph that is not a decode step is traced on (default: the
+    quantized model's own, or a random cached step for a decode step). ``QCOMPILE_DUMP_DIR``
+    continues the numbering of the dump the recipe's pipeline left there.
+    """
+    tgt = get_target(target)
+    opts = tgt.build_options(options)
+    qgraph = model.qgraph if isinstance(model, QuantizedModel) else model
+    if not isinstance(qgraph, QGraph):
+        raise TypeError(f"lower: expected a QuantizedModel or a QGraph, got {type(model).__name__}")
+    decode_step = keys.INFO_DECODER in qgraph.info
+    samples = _lowering_samples(model, qgraph, sample_inputs)
+    passes = tgt.passes(opts, decode_step)
+    ctx = PassContext(sample_inputs=samples, show_progress=False)
+    pipeline = PassManager(passes, _continuing_dump(instruments)).run(qgraph, ctx)
+    return tgt.make_artifact(pipeline.ir, pipeline, opts)
+
+
+def _lowering_samples(model: Any, qgraph: QGraph, given: Sequence[Any] | None) -> list[tuple]:
+    if given is not None:
+        return _as_batches(given)
+    if isinstance(model, QuantizedModel) and model.sample_inputs:
+        return list(model.sample_inputs)
+    layout = qgraph.info.get(keys.INFO_DECODER)
+    if layout is not None:
+        from qcompile.frontend.decoder import example_decoder_inputs
+
+        return [example_decoder_inputs(layout, batch=2, past=4, seq=3)]
+    return []
+
+
+def _continuing_dump(instruments: Iterable[Instrument] | None) -> list[Instrument]:
+    """The caller's instruments, plus a ``DumpIR`` that continues the directory's numbering when
+    ``QCOMPILE_DUMP_DIR`` asks for a dump and the caller gave none."""
+    given = list(instruments or [])
+    directory = os.environ.get("QCOMPILE_DUMP_DIR")
+    if directory and not any(isinstance(i, DumpIR) for i in given):
+        given.insert(0, DumpIR(directory, append=True))
+    return given
 
 
 def _calibration_batches(

@@ -7,13 +7,13 @@ import torch
 
 import qcompile
 from qcompile import ops
-from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
 from qcompile.ir import QGraph, keys
 from qcompile.ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
 from qcompile.passes.analyze import AnalyzePass
 from qcompile.passes.calibrate import CalibratePass
 from qcompile.passes.fold_qdq import FoldQDQPass, remove_redundant_requantize
 from qcompile.passes.quantize import QuantizePass
+from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head
 from qcompile.pipeline.contract import PassContext, get_pass_class
 from qcompile.quant.packing import (
     pack_int4_weight,

@@ -18,15 +18,12 @@ import torch
 
 import qcompile
 from qcompile.analysis.patterns import SDPA_OPS
-from qcompile.backends.onnx import (
-    ExportOptions,
-    OrtDecoder,
-    SessionOptions,
-    export_decoder,
-    make_session,
-)
+from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, make_session
+from qcompile.errors import PassError
 from qcompile.ops import GQA_ATTENTION
 from qcompile.passes.fuse_attention import FuseAttentionPass, fuse_attention
+from qcompile.pipeline.instruments import DisablePasses
+from qcompile.tools.export import export_decoder
 
 NUM_LAYERS = 2  # tiny Llama: 2 layers, 6 heads over 2 kv heads, head_dim 8
 
@@ -141,7 +138,7 @@ def test_fused_export_matches_reference_through_the_cache(fused_export, tiny_dec
     """Prefill (empty cache, 5 tokens), 3 decode steps feeding present back as past, then a 3-token
     continuation after the cache (S > 1 with P > 0: GroupQueryAttention's query_seqlens path)."""
     exp, path = fused_export
-    assert exp.attention is not None and len(exp.attention.fused) == NUM_LAYERS
+    assert [row["fused"] for row in exp.attention["rows"]] == [True] * NUM_LAYERS
     assert GQA_ATTENTION not in _targets(exp.qgraph)  # the returned reference is the unfused graph
     layout = tiny_decoder.info["decoder"]
     dec = OrtDecoder(path, SessionOptions(threads=1))
@@ -200,11 +197,22 @@ def test_ort_cancels_the_layout_transposes(fused_export, tmp_path):
     assert ops.count("GroupQueryAttention") == NUM_LAYERS and ops.count("Transpose") <= 2
 
 
-def test_no_fuse_attention_keeps_the_decomposition(tiny_model, tiny_decoder, tmp_path):
+def test_disabling_fuse_attention_keeps_the_decomposition(tiny_model, tiny_decoder, tmp_path):
+    """``fuse_attention`` disabled (with the shared KV buffer, which needs GroupQueryAttention): the
+    attention stays decomposed; with the buffer still on, its precondition names the way out."""
     path = tmp_path / "unfused.onnx"
     exp = export_decoder(
-        tiny_model, path, recipe="fp", qgraph=tiny_decoder, options=ExportOptions(fuse_attention=False)
+        tiny_model,
+        path,
+        recipe="fp",
+        qgraph=tiny_decoder,
+        instruments=[DisablePasses(["fuse_attention", "onnx.share_kv_buffer"])],
     )
-    assert exp.attention is None
+    assert exp.attention is None and exp.report.disabled == ["fuse_attention", "onnx.share_kv_buffer"]
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "GroupQueryAttention" not in ops and ops.count("Expand") >= 2 * NUM_LAYERS
+    assert exp.report.verification["max_relative_error"] < 1e-5
+    with pytest.raises(
+        PassError, match=r"onnx.share_kv_buffer: requires .* disable onnx.share_kv_buffer too"
+    ):
+        export_decoder(tiny_model, path, qgraph=tiny_decoder, instruments=[DisablePasses(["fuse_attention"])])

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.backends.onnx import (
-    ExportOptions,
-    OrtDecoder,
-    capture_decoder,
-    export_decoder,
-    export_onnx,
-    make_session,
-    run_flat,
-)
+from qcompile.backends.onnx import ExportOptions, OrtDecoder, make_session, run_flat
+from qcompile.frontend.decoder import capture_decoder
 from qcompile.ops.hadamard import hadamard_op_call_args
 from qcompile.quant.hadamard import hadamard_transform, online_plan, plan_matrix
+from qcompile.tools.export import export_decoder
 from qcompile.tools.models import tiny_llama
 
 
@@ -58,7 +52,7 @@ def test_hadamard_plans_match_torch_through_ort(tmp_path: Path, n: int, allow_pa
     x = torch.randn(2, 5, n, generator=torch.Generator().manual_seed(n))
     qg = qcompile.capture(model, (x,))
     path = tmp_path / "h.onnx"
-    export_onnx(qg, (x,), path)
+    qcompile.lower(qg, "onnx", sample_inputs=[(x,)]).save(path)
     onnx.checker.check_model(str(path))
     x2 = torch.randn(3, 4, n, generator=torch.Generator().manual_seed(n + 1))  # other batch and length
     (got,) = run_flat(make_session(path), [x2])
@@ -77,7 +71,7 @@ def test_hadamard_export_uses_small_factors_not_the_dense_matrix(tmp_path: Path)
     model = OnlineRotation(1536, False).eval()
     x = torch.randn(1, 3, 1536)
     path = tmp_path / "h1536.onnx"
-    export_onnx(qcompile.capture(model, (x,)), (x,), path)
+    qcompile.lower(qcompile.capture(model, (x,)), "onnx", sample_inputs=[(x,)]).save(path)
     proto = onnx.load(str(path))
     sizes = sorted(
         int(np.prod(a.t.dims))

@@ -18,10 +18,12 @@ import torch
 
 import qcompile
 from qcompile.analysis.patterns import is_op
-from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, capture_decoder, export_decoder
+from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions
+from qcompile.frontend.decoder import capture_decoder
 from qcompile.ops import GQA_ATTENTION_INT8KV
 from qcompile.passes.fuse_attention import fuse_attention, int8_cache_scales
 from qcompile.pipeline.contract import PassError
+from qcompile.tools.export import export_decoder
 from tests.test_quantize_kv import KV_RECIPE
 
 NUM_LAYERS = 2
@@ -144,7 +146,8 @@ def test_int8_cache_file_layout(exported):
         assert attrs["k_quant_type"] == attrs["v_quant_type"] == b"PER_CHANNEL"
         assert attrs["kv_cache_bit_width"] == 8 and attrs["do_rotary"] == 1  # RoPE moved in as well
         assert node.input[12] and node.input[13]  # k_scale, v_scale
-    assert "int8" in exp.report.summary() and "verified" in exp.report.summary()
+    assert exp.report.passes["onnx.export"]["int8_cache"]
+    assert exp.report.verification is not None and not exp.report.verification["enforced"]
 
 
 def test_ort_int8_cache_matches_the_reference_through_the_cache(exported, decoder):
@@ -196,13 +199,18 @@ def _close(ort_logits: np.ndarray, ref: torch.Tensor) -> None:
     assert np.abs(ort_logits - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_cli_kv_cache_bits_appends_quantize_kv(tmp_path, capsys):
+def test_cli_kv_cache_bits_appends_quantize_kv(tmp_path):
     from qcompile.tools.cli import main
 
     out = tmp_path / "cli_kv8.onnx"
     argv = ["export-onnx", "tiny-llama", "--recipe", "w4a16-rtn", "--out", str(out), "--calib", "4x64"]
     assert main([*argv, "--kv-cache-bits", "8"]) == 0
-    text = capsys.readouterr().out
-    assert "int8 per-channel static KV cache" in text and "int8 KV cache (per-channel scales)" in text
     dec = OrtDecoder(out)
     assert dec.dtype == np.int8
+    gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(
+        onnx.helper.get_attribute_value(a) == 8
+        for n in gqa
+        for a in n.attribute
+        if a.name == "kv_cache_bit_width"
+    )

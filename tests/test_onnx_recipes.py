@@ -11,8 +11,10 @@ import onnx
 import pytest
 import torch
 
-from qcompile.backends.onnx import ExportOptions, OrtDecoder, capture_decoder, export_decoder
+from qcompile.backends.onnx import ExportOptions, OrtDecoder
+from qcompile.frontend.decoder import capture_decoder
 from qcompile.pipeline.recipe import list_recipes, load_recipe
+from qcompile.tools.export import export_decoder
 from qcompile.tools.models import tiny_llama
 
 

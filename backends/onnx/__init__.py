@@ -1,54 +1,62 @@
-"""The ONNX backend: export a QGraph to ONNX (torch.onnx dynamo exporter + translations of the
-``qcompile::`` ops) and run it with ONNX Runtime.
+"""The ONNX backend: target ``onnx`` (:mod:`.target`) lowers a quantized QGraph to an ONNX model ONNX
+Runtime runs, and :mod:`.runtime` runs it.
 
-- :func:`export_onnx` — any QGraph (e.g. a captured prefill ``model(input_ids)``), float or quantized;
-- :func:`capture_decoder` / :func:`export_decoder` — a decode step with the KV cache as inputs and
-  outputs, so a generation loop runs in ORT (:class:`OrtDecoder`, greedy ``generate``);
-- :class:`HeadQuantOptions` / :func:`quantize_head` — also quantize lm_head and the embedding;
-- :func:`matmulnbits_to_qdq`, :func:`set_accuracy_level` — rewrite a written file (standard
-  DequantizeLinear(INT4) form; MatMulNBits' accuracy level);
-- :func:`rewrite_for_ort` — the post-export rewrites (:mod:`.optimize`: packed projections, fused
-  norms, RoPE inside attention, a shared in-place KV buffer), applied by the exporters by default;
-- :func:`make_session` — ORT sessions (CPU EP; CUDA EP when installed); :class:`KVCache` — the
-  in-place cache :meth:`OrtDecoder.step_inplace` and ``generate`` run on.
+It contributes, and only contributes:
+
+- ONNX implementations of the ``qcompile::`` ops (:mod:`.translations`, registered in the op
+  registry as backend ``onnx``);
+- passes: ``onnx.export`` (QGraph → :class:`OnnxModel`, :mod:`.export`), the ONNX Runtime rewrites
+  (:mod:`.kv_buffer`, :mod:`.pack_projections`, :mod:`.rms_norm`, :mod:`.rotary`,
+  :mod:`.packed_qkv`, :mod:`.reshapes`), ``onnx.qdq_format`` (:mod:`.qdq_format`) and ``onnx.verify``
+  (:mod:`.verify`), with the facts they declare (:mod:`.facts`);
+- the target itself (:mod:`.target`: which passes, in which order, for which :class:`ExportOptions`),
+  its artifact (:class:`OnnxArtifact`: ``save(path)`` writes the one file and returns an
+  :class:`ExportReport`) and the runtime (:class:`OrtDecoder`, :class:`KVCache`, :func:`make_session`).
+
+Exporting is ``qcompile.lower(quantized, target="onnx")`` or ``QuantizedModel.export_onnx``; a
+transformers decoder's decode step with its KV cache is :func:`qcompile.tools.export.export_decoder`.
 """
 
-from qcompile.backends.onnx.decoder_export import DecoderExport, export_decoder, quantize_decoder
-from qcompile.backends.onnx.export import (
-    ExportOptions,
-    ExportReport,
-    LinearExport,
-    OnnxExportError,
-    export_onnx,
-    set_accuracy_level,
+from qcompile.backends.onnx import (  # noqa: F401  (register the ONNX passes)
+    export,
+    kv_buffer,
+    pack_projections,
+    packed_qkv,
+    qdq_format,
+    reshapes,
+    rms_norm,
+    rotary,
+    translations,
+    verify,
 )
-from qcompile.backends.onnx.head import HeadQuantOptions, quantize_head
-from qcompile.backends.onnx.optimize import OptimizeReport, rewrite_for_ort
-from qcompile.backends.onnx.qdq_format import matmulnbits_to_qdq
+from qcompile.backends.onnx.accuracy import ACCURACY_LEVEL_CONFIG, set_accuracy_level
+from qcompile.backends.onnx.artifact import OnnxArtifact
+from qcompile.backends.onnx.linears import LinearExport
+from qcompile.backends.onnx.model import PAST_LENGTH_INPUT, OnnxModel
+from qcompile.backends.onnx.qdq_format import matmulnbits_file_to_qdq, matmulnbits_to_qdq
+from qcompile.backends.onnx.report import ExportReport
 from qcompile.backends.onnx.runtime import KVCache, OrtDecoder, SessionOptions, make_session, run_flat
-from qcompile.frontend.decoder import CacheLayout, DecoderStep, capture_decoder
+from qcompile.backends.onnx.target import ONNX_TARGET, REWRITES, ExportOptions
+from qcompile.frontend.decoder import CacheLayout, capture_decoder
 
 __all__ = [
+    "ACCURACY_LEVEL_CONFIG",
+    "ONNX_TARGET",
+    "PAST_LENGTH_INPUT",
+    "REWRITES",
     "CacheLayout",
-    "DecoderExport",
-    "DecoderStep",
     "ExportOptions",
     "ExportReport",
-    "HeadQuantOptions",
     "KVCache",
     "LinearExport",
-    "OnnxExportError",
-    "OptimizeReport",
+    "OnnxArtifact",
+    "OnnxModel",
     "OrtDecoder",
     "SessionOptions",
     "capture_decoder",
-    "export_decoder",
-    "export_onnx",
     "make_session",
+    "matmulnbits_file_to_qdq",
     "matmulnbits_to_qdq",
-    "quantize_decoder",
-    "quantize_head",
-    "rewrite_for_ort",
     "run_flat",
     "set_accuracy_level",
 ]

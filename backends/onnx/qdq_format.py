@@ -7,7 +7,8 @@ Layout: MatMulNBits' B ``[N, G, g / 2]`` (offset-binary nibbles) becomes a signe
 axis 0; the padding of a ragged last block is dropped (ONNX's blocked quantization allows a short
 last block). In this form the accuracy level is no longer in the file: ORT takes it from the
 session config ``session.qdq_matmulnbits_accuracy_level`` (default 4); see
-:data:`ACCURACY_LEVEL_CONFIG`.
+:data:`.accuracy.ACCURACY_LEVEL_CONFIG`. The pass ``onnx.qdq_format`` (``ExportOptions.int4_format =
+"qdq"``) applies it to the in-memory model.
 
 A packed table that a GatherBlockQuantized also reads (tied embedding) is kept for the lookup, so
 that file stores the table twice.
@@ -16,12 +17,15 @@ that file stores the table twice.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-ACCURACY_LEVEL_CONFIG = "session.qdq_matmulnbits_accuracy_level"
+from qcompile.backends.onnx.facts import ONNX_MODEL
+from qcompile.backends.onnx.model import OnnxModel
+from qcompile.pipeline.contract import Pass, PassContext, PassResult, register_pass
 
 
 def _unpack_b(packed: np.ndarray, k: int) -> np.ndarray:
@@ -72,10 +76,9 @@ def _rewrite(
     return [dq, mm]
 
 
-def matmulnbits_to_qdq(src: str | os.PathLike, dst: str | os.PathLike) -> int:
-    """Copy ``src`` to ``dst`` with every 4-bit MatMulNBits as DequantizeLinear(INT4) → MatMul.
+def matmulnbits_to_qdq(model: onnx.ModelProto) -> int:
+    """Rewrite every 4-bit MatMulNBits of ``model`` in place as DequantizeLinear(INT4) → MatMul.
     Returns the number of nodes rewritten."""
-    model = onnx.load(str(src))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
@@ -95,5 +98,32 @@ def matmulnbits_to_qdq(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    return rewritten
+
+
+def matmulnbits_file_to_qdq(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """:func:`matmulnbits_to_qdq` on a written file, saved to ``dst``."""
+    model = onnx.load(str(src))
+    rewritten = matmulnbits_to_qdq(model)
     onnx.save(model, str(dst))
     return rewritten
+
+
+@register_pass
+class QDQFormatPass(Pass):
+    """:func:`matmulnbits_to_qdq` as a pass over :class:`.model.OnnxModel`: the standard-ONNX form of
+    int4 weights. A change of representation (kind ``lowering``) checked like a rewrite: at the same
+    accuracy level ORT fuses it back into the same kernel."""
+
+    name = "onnx.qdq_format"
+    kind = "lowering"
+    requires = (ONNX_MODEL,)
+    ensures = (ONNX_MODEL,)
+    tolerance = 1e-5
+
+    def run(self, ir: OnnxModel, ctx: PassContext) -> PassResult:
+        count = matmulnbits_to_qdq(ir.proto)
+        ir.int4_format = "qdq"
+        report: dict[str, Any] = {"count": count}
+        summary = f"{count} MatMulNBits → DequantizeLinear(INT4) → MatMul"
+        return PassResult(ir, changed=count > 0, report=report, summary=summary)

@@ -17,6 +17,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the onnx extra is not installed
     raise ImportError("qcompile.backends.onnx needs onnxruntime: pip install 'qcompile[onnx]'") from exc
 
+from qcompile.backends.onnx.model import PAST_LENGTH_INPUT
+
 
 @dataclass
 class SessionOptions:
@@ -87,7 +89,7 @@ PREFILL_CHUNK = 128  # tokens per prefill call in OrtDecoder.generate (see its d
 
 
 class KVCache:
-    """A fixed-size KV cache for a shared-buffer decode step (:func:`.optimize.share_kv_buffer`): per
+    """A fixed-size KV cache for a shared-buffer decode step (:mod:`.kv_buffer`): per
     layer a key and a value buffer ``[batch, kv_heads, max_len, head_dim]`` held as OrtValues, bound
     as both ``past_key_values.i.*`` and ``present.i.*`` so ``GroupQueryAttention`` appends in place.
     ``length`` is the number of valid positions; :meth:`OrtDecoder.step_inplace` advances it."""
@@ -125,7 +127,7 @@ class KVCache:
 
 
 class OrtDecoder:
-    """An exported decode step (:func:`qcompile.backends.onnx.export_decoder`): one call runs
+    """An exported decode step (:func:`qcompile.tools.export.export_decoder`): one call runs
     ``(input_ids, past) -> (logits, present)`` with the cache as numpy arrays (:meth:`step`), or, for
     files with a shared KV buffer (input ``past_sequence_length``), in place on a :class:`KVCache`
     (:meth:`step_inplace`: no cache copies; what :meth:`generate` uses)."""
@@ -146,8 +148,6 @@ class OrtDecoder:
         self.num_kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
         # the cache's element type: float32, float16, or int8 (quantize_kv: per-channel int8 cache)
         self.dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past[0].type, np.float32)
-        from qcompile.backends.onnx.optimize import PAST_LENGTH_INPUT
-
         self.shared_buffer = PAST_LENGTH_INPUT in self.names
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -158,8 +158,8 @@ class OrtDecoder:
         """A :class:`KVCache` of ``max_len`` positions for :meth:`step_inplace`."""
         if not self.shared_buffer:
             raise ValueError(
-                "OrtDecoder.new_cache: this file has no past_sequence_length input (exported without "
-                "ExportOptions.share_kv_buffer); use step() with numpy caches"
+                "OrtDecoder.new_cache: this file has no past_sequence_length input (exported with the "
+                "onnx.share_kv_buffer pass disabled); use step() with numpy caches"
             )
         return KVCache(self, batch, max_len)
 

@@ -17,7 +17,8 @@ node's arguments (ONNX values for tensors, Python ints/bools for the rest) and e
 MatMulNBits' ``accuracy_level``: 0 or 1 keep the activation in fp32 (exactly W4A16's semantics); 4
 quantizes the activation to int8 per block inside the kernel (ORT's fast CPU path, with a small error
 of its own). The exporter chooses it for weight-only linears
-(:class:`qcompile.backends.onnx.export.ExportOptions`); a linear whose activation the recipe already
+(:class:`qcompile.backends.onnx.export.ExportOptions`), so the op registry holds a factory per op
+(:data:`FACTORIES`, registered as the ``onnx`` implementations); a linear whose activation the recipe already
 quantized (W4A8, W4A4) always gets level 1, so that activation is not rounded a second time.
 """
 
@@ -36,9 +37,11 @@ from qcompile.backends.onnx.attention import gqa_attention_int8kv_onnx, gqa_atte
 from qcompile.ops import GQA_ATTENTION, GQA_ATTENTION_INT8KV
 from qcompile.ops.hadamard import HADAMARD
 from qcompile.ops.qlinear import QEMBEDDING, QLINEAR_W, QLINEAR_WA
+from qcompile.ops.registry import OPS, implementations, register_impl
 from qcompile.quant.hadamard import plan_from_op_args, sylvester_matrix
 from qcompile.quant.hadamard_k import k_matrix
 
+BACKEND = "onnx"  # the op registry's name for these implementations
 FLOAT = TensorProto.FLOAT
 INT8 = TensorProto.INT8
 
@@ -266,16 +269,35 @@ def hadamard(x: Any, n: int, block: int, k: int) -> Any:
     return _kron(x, block, k)
 
 
+def fixed(translation: Callable[..., Any]) -> Callable[[int], Callable[..., Any]]:
+    """A translation that does not depend on the accuracy level, as the factory the registry holds."""
+
+    def factory(accuracy_level: int) -> Callable[..., Any]:
+        del accuracy_level
+        return translation
+
+    factory.__qualname__ = factory.__name__ = f"fixed({translation.__name__})"
+    return factory
+
+
+# The ONNX column of the op registry (``qcompile.ops.coverage_table()``): per op a factory taking
+# MatMulNBits' accuracy level and returning the function torch.onnx traces.
+FACTORIES: dict[Any, Callable[[int], Callable[..., Any]]] = {
+    ops.QUANTIZE: fixed(quantize),
+    ops.DEQUANTIZE: fixed(dequantize),
+    ops.CHOOSE_QPARAMS_PER_TOKEN: fixed(choose_qparams_per_token),
+    QLINEAR_W: make_qlinear_w,
+    QLINEAR_WA: make_qlinear_wa,
+    QEMBEDDING: fixed(qembedding),
+    GQA_ATTENTION: fixed(gqa_attention_onnx),
+    GQA_ATTENTION_INT8KV: fixed(gqa_attention_int8kv_onnx),
+    HADAMARD: fixed(hadamard),
+}
+for _op, _factory in FACTORIES.items():
+    register_impl(BACKEND, _op, _factory)
+
+
 def translation_table(accuracy_level: int) -> dict[torch._ops.OpOverload, Callable[..., Any]]:
-    """Every qcompile op the exporter can meet, mapped to its translation."""
-    return {
-        ops.QUANTIZE: quantize,
-        ops.DEQUANTIZE: dequantize,
-        ops.CHOOSE_QPARAMS_PER_TOKEN: choose_qparams_per_token,
-        QLINEAR_W: make_qlinear_w(accuracy_level),
-        QLINEAR_WA: make_qlinear_wa(accuracy_level),
-        QEMBEDDING: qembedding,
-        GQA_ATTENTION: gqa_attention_onnx,
-        GQA_ATTENTION_INT8KV: gqa_attention_int8kv_onnx,
-        HADAMARD: hadamard,
-    }
+    """``custom_translation_table`` for torch.onnx: every op with an ONNX implementation in the op
+    registry, its translation built for ``accuracy_level``."""
+    return {OPS[name].overload: factory(accuracy_level) for name, factory in implementations(BACKEND).items()}

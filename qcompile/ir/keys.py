@@ -36,6 +36,7 @@ annotations made by other passes survive a re-analysis.
 |-------------|-------------------|----------------------------------------------------------------|
 | calibration | calibrate         | linear node -> :class:`qcompile.quant.calibration.LinearInputStats` |
 | pipeline_passes | pass manager  | the pipeline's pass objects (read by ``smooth``'s search)      |
+| reference   | keep_reference    | a copy of the graph before lowering (read by ``onnx.verify``)  |
 
 ``PassResult.report`` keys that instruments read:
 
@@ -84,6 +85,10 @@ STATE_CALIBRATION = "calibration"
 STATE_PIPELINE_PASSES = "pipeline_passes"
 
 STATE_KEYS = (STATE_CALIBRATION, STATE_PIPELINE_PASSES)
+
+# Lowering (targets): the pre-lowering graph a backend checks its artifact against.
+STATE_REFERENCE = "reference"
+STATE_KEYS += (STATE_REFERENCE,)
 
 # ---- PassResult.report keys instruments read -------------------------------------------------------
 

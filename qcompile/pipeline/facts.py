@@ -148,3 +148,17 @@ def establishing_passes(fact: Fact) -> list[str]:
     return sorted(
         name for name, cls in PASS_REGISTRY.items() if fact in cls.ensures and fact not in cls.requires
     )
+
+
+# ---- lowering (targets) ----------------------------------------------------------------------------
+
+
+def _reference(ir: Any, ctx: Any) -> str | None:
+    if ctx is not None and isinstance(ctx.state.get(keys.STATE_REFERENCE), QGraph):
+        return None
+    return "the context holds no copy of the graph before lowering (the keep_reference pass makes one)"
+
+
+REFERENCE = register_fact(
+    Fact("reference", "a copy of the graph before lowering in the context (keys.STATE_REFERENCE)", _reference)
+)

@@ -51,9 +51,9 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from qcompile.backends.onnx.command import ExportCommand, run_export
+    from qcompile.errors import PassError
+    from qcompile.tools.export import ExportCommand, plan_export, run_export
 
-    n_cal, _, len_cal = args.calib.lower().partition("x")
     cmd = ExportCommand(
         model=args.model,
         recipe=args.recipe,
@@ -65,14 +65,18 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         head_group_size=args.head_group_size,
         kv_cache_bits=args.kv_cache_bits,
         prefill_only=args.prefill_only,
-        calib_windows=int(n_cal),
-        calib_len=int(len_cal),
-        fuse_attention=not args.no_fuse_attention,
-        ort_rewrites=not args.no_ort_rewrites,
+        calib=args.calib,
+        disable=list(args.disable_pass),
+        dump_dir=args.dump_dir,
+        timing=args.timing,
     )
-    report, quant_summary = run_export(cmd)
-    print(quant_summary)
-    print(report.summary())
+    try:  # every user choice is checked before the model loads; a mistake is one line, not a traceback
+        plan_export(cmd)
+    except (ValueError, PassError) as exc:  # RecipeError, TargetError, ExportError; a pass's options
+        print("qcompile export-onnx: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    export = run_export(cmd)
+    print(export.summary())
     return 0
 
 
@@ -129,15 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--calib", default="32x512", help="calibration windows NxL (recipes that calibrate)")
     ex.add_argument(
-        "--no-fuse-attention",
-        action="store_true",
-        help="keep attention decomposed (default: one GroupQueryAttention per layer in decode-step files)",
+        "--disable-pass",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not run this pass (repeatable), e.g. onnx.fuse_rotary; a pattern such as 'onnx.*' "
+        "matches the ONNX rewrites (equivalence passes) only, which gives the plain export; "
+        "'fuse_attention' keeps attention decomposed (then also disable onnx.share_kv_buffer)",
     )
     ex.add_argument(
-        "--no-ort-rewrites",
-        action="store_true",
-        help="skip the ORT rewrites (packed q/k/v and gate/up kernels, fusable RMSNorm, shared KV "
-        "buffer with a past_sequence_length input); the file is then the plain export",
+        "--dump-dir",
+        default=None,
+        metavar="DIR",
+        help="write the IR before and after every pass (recipe and lowering) into DIR, numbered "
+        "(as QCOMPILE_DUMP_DIR)",
+    )
+    ex.add_argument(
+        "--timing", action="store_true", help="print the time of every pass (as QCOMPILE_TIMING=1)"
     )
     ex.set_defaults(func=_cmd_export_onnx)
     rc = sub.add_parser("recipes", help="list the shipped recipes")

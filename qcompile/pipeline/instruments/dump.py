@@ -54,22 +54,40 @@ class DumpIR(Instrument):
     show in the IR text). Files of an earlier dump in the same directory are removed first.
     ``diff 01_smooth.txt 02_rotate.txt`` shows what ``rotate`` did. A failing pass leaves
     ``NN_<pass>.error.txt`` with the error and the graph as far as it got.
+
+    Any IR with ``print_readable()`` is dumped (an ONNX model after ``onnx.export`` too; its
+    ``constants_text()`` gives the constants file). ``append=True`` continues the numbering of the
+    dump already in the directory instead of replacing it — for a second pipeline over the first
+    one's result, e.g. ``qcompile.lower`` after ``qcompile.quantize`` (its input is the previous
+    pipeline's last IR, so it is not written again).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, constants: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, constants: bool = True, append: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.constants = constants
+        self.append = append
         self.index = 0
         self.written: list[Path] = []
 
     def before_pipeline(self, ir: Any, ctx: PassContext) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.written = []
+        last = self._last_index()
+        if self.append and last is not None:
+            self.index = last
+            return
         for stale in self.directory.iterdir():
             if stale.is_file() and _DUMP_FILE.match(stale.name):
                 stale.unlink()
         self.index = 0
-        self.written = []
         self._write_graph("00_input", ir)
+
+    def _last_index(self) -> int | None:
+        """The highest ``NN`` of the dump files in the directory (None: no dump there)."""
+        found = [int(p.name.split("_", 1)[0]) for p in self.directory.iterdir() if _DUMP_FILE.match(p.name)]
+        return max(found, default=None)
 
     def before_pass(self, pass_: Pass, ir: Any, ctx: PassContext) -> None:
         self.index += 1
@@ -106,4 +124,4 @@ class DumpIR(Instrument):
         self.written.append(path)
 
     def __repr__(self) -> str:
-        return f"DumpIR({str(self.directory)!r})"
+        return f"DumpIR({str(self.directory)!r}{', append=True' if self.append else ''})"

@@ -1,6 +1,7 @@
-"""ORT rewrites of written decode-step files (backends/onnx/optimize.py) and the in-place KV cache.
+"""The ONNX Runtime rewrites of a decode step (the ``onnx.*`` equivalence passes of target ``onnx``) and
+the in-place KV cache.
 
-Every rewrite is checked against the plain export of the same QGraph:
+Every rewrite is checked against the plain export of the same QGraph (every rewrite disabled):
 - packing q/k/v and gate/up, and making the past length an input, are exact (bit-equal outputs);
 - the Div form of RMSNorm lets ORT fuse it (SimplifiedLayerNormalization in ORT's optimized graph),
   at rounding level: 1e-5 absolute on logits of order 1 (fp32 activations, accuracy level 1);
@@ -17,18 +18,24 @@ import onnx
 import pytest
 import torch
 
-from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions, export_decoder, make_session
-from qcompile.backends.onnx.optimize import (
+from qcompile.backends.onnx import (
     PAST_LENGTH_INPUT,
-    OnnxOptimizeError,
-    collapse_reshapes,
-    fuse_rotary,
-    fuse_skip_rms_norm,
-    pack_projections,
-    pack_qkv_into_gqa,
-    rms_norm_div,
-    share_kv_buffer,
+    ExportOptions,
+    OnnxModel,
+    OrtDecoder,
+    SessionOptions,
+    make_session,
 )
+from qcompile.backends.onnx.kv_buffer import share_kv_buffer
+from qcompile.backends.onnx.pack_projections import pack_projections
+from qcompile.backends.onnx.packed_qkv import pack_qkv_into_gqa
+from qcompile.backends.onnx.reshapes import collapse_reshapes
+from qcompile.backends.onnx.rms_norm import fuse_skip_rms_norm, rms_norm_div
+from qcompile.backends.onnx.rotary import fuse_rotary
+from qcompile.backends.onnx.verify import decoder_error
+from qcompile.errors import PassError
+from qcompile.pipeline.instruments import DisablePasses
+from qcompile.tools.export import export_decoder
 from tests.test_onnx_export import W4A16_G32
 
 
@@ -43,7 +50,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def tiny_decoder(tiny_model):
-    from qcompile.backends.onnx import capture_decoder
+    from qcompile.frontend.decoder import capture_decoder
 
     return capture_decoder(tiny_model)
 
@@ -58,7 +65,8 @@ def files(tiny_model, tiny_decoder, tmp_path_factory):
         plain,
         recipe=W4A16_G32,
         qgraph=tiny_decoder,
-        options=ExportOptions(accuracy_level=1).with_ort_rewrites(False),
+        options=ExportOptions(accuracy_level=1),
+        instruments=[DisablePasses(["onnx.*"])],  # every ONNX rewrite off: the plain export
     )
     exp = export_decoder(
         tiny_model, full, recipe=W4A16_G32, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1)
@@ -206,30 +214,30 @@ def test_residual_add_and_rms_norm_become_one_skip_norm(files, tmp_path):
     _same_steps(before, after, seed=8, atol=1e-5)
 
 
-def test_export_verification_measures_the_file_against_the_reference(files, tmp_path):
-    """verify_decoder_file: the default export agrees with the reference QGraph to rounding; a file
+def test_export_verification_measures_the_model_against_the_reference(files):
+    """onnx.verify's measure: the default export agrees with the reference QGraph to rounding; a model
     whose RoPE was altered (rotate_half halves swapped in one layer) is caught."""
-    from qcompile.backends.onnx.decoder_export import VERIFY_LIMIT, verify_decoder_file
-
     plain, full, exp = files
-    assert verify_decoder_file(full, exp.qgraph) < 1e-5
+    assert exp.report.verification["max_relative_error"] < 1e-5 and exp.report.verification["enforced"]
     model = onnx.load(str(plain))
+    assert decoder_error(OnnxModel(model, 21, 1, layout=exp.qgraph.info["decoder"]), exp.qgraph) < 1e-5
     producer = {o: n for n in model.graph.node for o in n.output}
     node = next(
         n for n in model.graph.node if n.op_type == "Concat" and producer.get(n.input[0], n).op_type == "Neg"
     )
     node.input[0], node.input[1] = node.input[1], node.input[0]
-    broken = _rewrite_model(model, tmp_path / "broken.onnx")
-    assert verify_decoder_file(broken, exp.qgraph) > VERIFY_LIMIT
+    broken = OnnxModel(model, 21, 1, layout=exp.qgraph.info["decoder"])
+    assert decoder_error(broken, exp.qgraph) > exp.report.verification["limit"]
 
 
 def test_default_export_applies_every_rewrite_and_matches_the_reference(files, tiny_decoder):
     _, full, exp = files
+    passes = exp.report.passes
+    assert passes["onnx.share_kv_buffer"] == {"count": 3, "input_added": True}  # 2 layers + RoPE's position
+    assert passes["onnx.pack_projections"]["packed"] == {"2-way MatMulNBits": 2, "3-way MatMulNBits": 2}
+    assert passes["onnx.fuse_rotary"]["count"] == 2 and passes["onnx.pack_qkv_into_gqa"]["count"] == 2
+    assert passes["onnx.rms_norm_div"]["count"] == 5 and passes["onnx.fuse_skip_rms_norm"]["count"] == 4
     report = exp.report
-    assert "packed projections" in report.rewrites and "shared KV buffer" in report.rewrites
-    assert "RoPE inside 2 GroupQueryAttention" in report.rewrites
-    assert "packed q/k/v into 2 GroupQueryAttention" in report.rewrites
-    assert "verified" in report.verification and "verified" in report.summary()
     assert any(name == PAST_LENGTH_INPUT for name, _, _ in report.inputs)
     assert report.outputs[1][0] == "present.0.key" and report.outputs[1][1][2] == "present_sequence"
     assert report.op_counts["MatMulNBits"] == 8  # 14 linears, q/k/v and gate/up packed; float lm_head
@@ -285,11 +293,13 @@ def test_share_kv_buffer_refuses_an_unfused_cache(tiny_model, tiny_decoder, tmp_
         tiny_model,
         path,
         qgraph=tiny_decoder,
-        options=ExportOptions(fuse_attention=False).with_ort_rewrites(False),
+        instruments=[DisablePasses(["fuse_attention", "onnx.*"])],
     )
     model = onnx.load(str(path))
     before = model.SerializeToString()
-    with pytest.raises(OnnxOptimizeError, match=r"share_kv_buffer: node .* reads the cache past_key_values"):
+    with pytest.raises(
+        PassError, match=r"onnx.share_kv_buffer at node .*: .* reads the cache past_key_values"
+    ):
         share_kv_buffer(model)
     assert model.SerializeToString() == before  # checked before anything changed
 
@@ -375,11 +385,12 @@ def test_smollm2_decode_step_with_every_rewrite(smollm2, tmp_path):
     model, tok = smollm2
     path = tmp_path / "smollm2_fp.onnx"
     exp = export_decoder(model, path, recipe="fp")
-    rewrites = exp.report.rewrites
-    assert "30 × 3-way MatMul" in rewrites and "RoPE inside 30 GroupQueryAttention" in rewrites
-    assert "61 RMSNorms" in rewrites and "shared KV buffer" in rewrites
-    assert "60 residual Add + RMSNorm" in rewrites
-    assert "packed q/k/v into 30 GroupQueryAttention" in rewrites
+    passes = exp.report.passes
+    assert passes["onnx.pack_projections"]["packed"] == {"2-way MatMul": 30, "3-way MatMul": 30}
+    assert passes["onnx.fuse_rotary"]["count"] == 30 and passes["onnx.pack_qkv_into_gqa"]["count"] == 30
+    assert passes["onnx.rms_norm_div"]["count"] == 61 and passes["onnx.fuse_skip_rms_norm"]["count"] == 60
+    assert passes["onnx.share_kv_buffer"]["input_added"]
+    assert exp.report.verification["max_relative_error"] < 1e-5
     # the attention output reaches o_proj as GroupQueryAttention writes it: no reshape round trip
     graph = onnx.load(str(path), load_external_data=False).graph
     for gqa in (n for n in graph.node if n.op_type == "GroupQueryAttention"):

@@ -1,36 +1,46 @@
-"""Quantize the output head (lm_head) and the embedding table — an export-side option.
+"""``quantize_head``: quantize the output head (lm_head) and the embedding table.
 
-The quantize pass leaves ``lm_head`` in float by default (``exclude_roles``) and never touches the
-embedding (a gather, not a linear). On a small model they dominate the file: SmolLM2's tied
-49152 × 576 table is 113 MB in fp32, two thirds of a W4A16 export. This step puts them on the same
-RTN grid as the linears:
+Scheduled by the export command (``export-onnx --lm-head-bits / --embedding-bits``) after the
+recipe and before the target's passes; the recipes' per-role quantization annotations will replace
+it. The quantize pass leaves ``lm_head`` in float by default (``exclude_roles``) and never touches the
+embedding (a gather, not a linear). On a small model they dominate the file: SmolLM2's tied 49152 ×
+576 table is 113 MB in fp32, two thirds of a W4A16 export. This pass puts them on the same RTN grid
+as the linears:
 
-- ``lm_head``: the quantize pass run on that role only (weight-only, ``group_size`` groups), so it
+- ``lm_head``: the ``quantize`` pass run on that role only (weight-only, ``group_size`` groups), so it
   folds into ``qlinear_w`` → MatMulNBits like any linear;
 - embedding: ``embedding(W, ids)`` → ``embedding(dequantize(q, s, z, g), ids)``, which ``fold_qdq``
-  turns into ``qcompile::qembedding`` → ORT's ``GatherBlockQuantized`` (4-bit) or Gather +
-  dequantize (8-bit). When the table is tied to a quantized lm_head with the same bits, the
-  embedding reads the lm_head's dequantize: the tie survives quantization and the packed table is
-  stored once.
+  turns into ``qcompile::qembedding`` (ORT's ``GatherBlockQuantized`` for 4 bits, Gather + dequantize
+  for 8). When the table is tied to a quantized lm_head with the same bits, the embedding reads the
+  lm_head's dequantize: the tie survives quantization and the packed table is stored once.
 
-The accuracy cost is the caller's to measure (``benchmarks/ort_speed.py`` reports perplexity with
-and without it).
+The accuracy cost is the caller's to measure (``benchmarks/ort_speed.py`` reports perplexity with and
+without it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.fx as fx
 
 from qcompile import ops
 from qcompile.analysis.structure import Structure
 from qcompile.ir import QGraph, keys
-from qcompile.passes.quantize import QuantizePass
-from qcompile.pipeline.contract import PassContext, PassError
+from qcompile.pipeline import facts
+from qcompile.pipeline.contract import (
+    Pass,
+    PassContext,
+    PassError,
+    PassResult,
+    get_pass_class,
+    register_pass,
+)
 from qcompile.quant.rtn import quantize_weight, sqnr_db
 from qcompile.quant.scheme import WeightQuantSpec
+
+NAME = "quantize_head"
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,25 @@ class HeadQuantOptions:
         return WeightQuantSpec(bits, self.symmetric, self.group_size)
 
 
+@register_pass
+class QuantizeHeadPass(Pass):
+    """Quantize lm_head and/or the embedding (module docstring)."""
+
+    name: ClassVar[str] = NAME
+    kind = "quantize"
+    requires = (facts.STRUCTURE,)
+    Options = HeadQuantOptions
+
+    def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
+        report = quantize_head(qgraph, self.options)
+        return PassResult(qgraph, changed=bool(report), report=report, summary=format_head_report(report))
+
+
 def quantize_head(qgraph: QGraph, options: HeadQuantOptions) -> dict[str, Any]:
     """Quantize lm_head and/or the embedding of ``qgraph`` in place; returns what was done (SQNR)."""
     st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
     if st is None:
-        raise PassError("quantize_head", "no structure on the graph; run the analyze pass first")
+        raise PassError(NAME, "no structure on the graph; run the analyze pass first")
     report: dict[str, Any] = {}
     if options.lm_head_bits and st.lm_head is not None:
         pass_opts = {
@@ -62,7 +86,8 @@ def quantize_head(qgraph: QGraph, options: HeadQuantOptions) -> dict[str, Any]:
             "include_roles": ["lm_head"],
             "exclude_roles": [],
         }
-        result = QuantizePass(pass_opts)(qgraph, PassContext(show_progress=False))
+        quantize = get_pass_class("quantize")(pass_opts)
+        result = quantize(qgraph, PassContext(show_progress=False))  # no calibration: RTN weights only
         report["lm_head"] = result.report["linears"]
     if options.embedding_bits:
         report["embedding"] = [_quantize_embedding(qgraph, st, e.node, options) for e in st.embeddings]
@@ -81,9 +106,7 @@ def _quantize_embedding(
     spec = options.spec(options.embedding_bits)
     if options.embedding_bits == 4 and not options.symmetric:
         raise PassError(
-            "quantize_head",
-            "a 4-bit embedding must be symmetric (its ONNX lookup takes no zero points)",
-            name,
+            NAME, "a 4-bit embedding must be symmetric (its ONNX lookup takes no zero points)", name
         )
     tied = _tied_head_dequantize(qgraph, st, table, options)
     if tied is not None:
@@ -139,4 +162,4 @@ def format_head_report(report: dict[str, Any]) -> str:
         lines.append(
             f"embedding {row['node']}: {row['scheme']}, weight SQNR {row['weight_sqnr_db']:.1f} dB{tie}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) or "nothing to quantize"
