@@ -71,7 +71,23 @@ def passes_markdown() -> str:
             lines.append("- options:\n")
             lines += [f"  - `{line}`" for line in cls.describe_options().splitlines()]
         lines.append("")
+    lines += _targets_section()
     return HEADER + "\n".join(lines).rstrip() + "\n"
+
+
+def _targets_section() -> list[str]:
+    from qcompile.pipeline.targets import TARGETS
+
+    lines = [
+        "# Targets\n",
+        "What lowering appends to a recipe (`qcompile.lower(model, target=…)`), in pipeline order; a "
+        "target's options choose which of its passes run (decode-step passes only on decode steps).\n",
+    ]
+    for name in sorted(TARGETS):
+        target = TARGETS[name]
+        passes = " → ".join(f"`{p}`" for p in target.pass_names) or "(none)"
+        lines.append(f"- `{name}`: {passes}")
+    return lines
 
 
 def ops_markdown() -> str:
