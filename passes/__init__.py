@@ -3,6 +3,7 @@
 
 from qcompile.passes import (  # noqa: F401
     analyze,
+    annotate,
     calibrate,
     detect_outliers,
     fold_qdq,
@@ -10,7 +11,6 @@ from qcompile.passes import (  # noqa: F401
     fuse_norms,
     identity,
     quantize,
-    quantize_kv,
     rotate,
     smooth,
 )

@@ -34,7 +34,8 @@ W4A16_G32 = {
     "recipe": {"name": "w4a16-g32", "description": "tiny-model W4A16: 48 = 32 + a ragged 16"},
     "passes": [
         {"name": "analyze"},
-        {"name": "quantize", "weight_bits": 4, "group_size": 32, "act_mode": "none"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 32, "act_mode": "none"},
+        {"name": "quantize"},
     ],
 }
 
@@ -166,11 +167,19 @@ def test_w8a8_prefill_export_uses_integer_gemm(tiny_model, tmp_path):
 
 W4A8 = {
     "recipe": {"name": "w4a8"},
-    "passes": [{"name": "analyze"}, {"name": "quantize", "weight_bits": 4, "group_size": 16}],
+    "passes": [
+        {"name": "analyze"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16},
+        {"name": "quantize"},
+    ],
 }
 W4A4 = {
     "recipe": {"name": "w4a4"},
-    "passes": [{"name": "analyze"}, {"name": "quantize", "weight_bits": 4, "group_size": 16, "act_bits": 4}],
+    "passes": [
+        {"name": "analyze"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_bits": 4},
+        {"name": "quantize"},
+    ],
 }
 
 
@@ -232,7 +241,8 @@ def test_int8_blocked_weights_and_head_export(tiny_model, tiny_decoder, tmp_path
         "recipe": {"name": "w8a16-g16"},
         "passes": [
             {"name": "analyze"},
-            {"name": "quantize", "weight_bits": 8, "group_size": 16, "act_mode": "none"},
+            {"name": "annotate", "weight_bits": 8, "group_size": 16, "act_mode": "none"},
+            {"name": "quantize"},
         ],
     }
     path = tmp_path / "w8.onnx"
@@ -251,15 +261,16 @@ W4A16_ASYM_CLIP = {
     "recipe": {"name": "w4a16-asym-clip", "description": "asymmetric int4 g16 RTN with clip search"},
     "passes": [
         {"name": "analyze"},
-        {"name": "calibrate"},
         {
-            "name": "quantize",
+            "name": "annotate",
             "weight_bits": 4,
             "weight_symmetric": False,
             "group_size": 16,
             "clip_search": True,
             "act_mode": "none",
         },
+        {"name": "calibrate"},
+        {"name": "quantize"},
     ],
 }
 

@@ -29,8 +29,8 @@ KV8_W4 = {
     "recipe": {"name": "w4-kv8", "description": "W4A16 g16 RTN with an int8 KV cache"},
     "passes": [
         {"name": "analyze"},
-        {"name": "quantize", "weight_bits": 4, "group_size": 16, "act_mode": "none"},
-        {"name": "quantize_kv"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_mode": "none", "kv_cache_bits": 8},
+        {"name": "quantize"},
     ],
 }
 

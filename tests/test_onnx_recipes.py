@@ -21,12 +21,12 @@ def _tolerance(recipe: str) -> float:
     rounding only. Quantized activations: an ulp of difference upstream (ORT's fused kernels sum in
     another order) can flip one rounding of a per-token quantizer, and 30 roundings compound; the
     bounds are those of tests/test_onnx_export.py's per-scheme parity (measured W8A8 ~1e-3, W4A4 ~3e-2).
-    An int8 KV cache (``quantize_kv``) is an 8-bit activation quantizer too: on tiny Llama an ulp of
+    An int8 KV cache (``kv_cache_bits = 8``) is an 8-bit activation quantizer too: on tiny Llama an ulp of
     MatMulNBits flips one int8 value of layer 0's values (measured 8.5e-4 on the logits)."""
     passes = {p.name: p for p in load_recipe(recipe).passes}
-    spec = passes.get("quantize")
+    spec = passes.get("annotate")
     if spec is None or spec.options.get("act_mode", "dynamic_per_token") == "none":
-        return 2e-2 if "quantize_kv" in passes else 1e-4
+        return 2e-2 if spec is not None and spec.options.get("kv_cache_bits") else 1e-4
     return 6e-2 if spec.options.get("act_bits", 8) <= 4 else 2e-2
 
 
