@@ -161,7 +161,12 @@ class QuantizePass(Pass):
         by_name = {n.name: n for n in qgraph.graph.nodes}
         self._check_annotated_nodes(qgraph, _edges(st, by_name))
         plan = _Plan()
-        calibration: dict[str, Any] | None = ctx.state.get(keys.STATE_CALIBRATION)
+        self._plan_linears(plan, st, by_name, ctx.state.get(keys.STATE_CALIBRATION))
+        self._plan_embeddings(plan, st, by_name)
+        self._plan_caches(plan, st, by_name, bool(ctx.calibration))
+        return plan
+
+    def _plan_linears(self, plan: _Plan, st: Structure, by_name: dict, calibration: dict | None) -> None:
         for site in st.linears.values():
             node = by_name[site.node]
             spec = keys.get(node).get(keys.QSPEC)
@@ -172,33 +177,36 @@ class QuantizePass(Pass):
             stats = calibration.get(site.node) if calibration is not None else None
             self._check_calibration(site, spec, stats, calibration is not None)
             plan.linears.append((site, node, spec, stats))
-        for esite in st.embeddings:
-            node = by_name[esite.node]
+
+    def _plan_embeddings(self, plan: _Plan, st: Structure, by_name: dict) -> None:
+        for site in st.embeddings:
+            node = by_name[site.node]
             spec = keys.get(node).get(keys.QSPEC)
-            table = node.args[0]
             if spec is None:
                 continue
+            table = node.args[0]
             if not (isinstance(table, fx.Node) and table.op == "get_attr"):
                 reason = "table is not a float constant (already quantized?)"
-                plan.left.append({"node": esite.node, "role": "embedding", "reason": reason})
+                plan.left.append({"node": site.node, "role": "embedding", "reason": reason})
                 continue
-            plan.embeddings.append((esite, node, spec))
-        for asite, entry, node in _cache_entries(st, by_name):
+            plan.embeddings.append((site, node, spec))
+
+    def _plan_caches(self, plan: _Plan, st: Structure, by_name: dict, has_batches: bool) -> None:
+        for site, entry, node in _cache_entries(st, by_name):
             spec = keys.get(node).get(keys.QSPEC)
             if spec is None:
                 continue
             if any(u.target is ops.QUANTIZE for u in node.users):
                 plan.left.append({"node": node.name, "role": entry, "reason": "already quantized"})
                 continue
-            if not ctx.calibration:
+            if not has_batches:
                 raise PassError(
                     self.name,
                     f"{entry} cache entry annotated {spec.describe()}: its per-channel ranges are observed "
                     f"on calibration batches, but the context has none; {NO_KV_BATCHES}",
                     node.name,
                 )
-            plan.caches.append((asite, entry, node, spec))
-        return plan
+            plan.caches.append((site, entry, node, spec))
 
     def _check_annotated_nodes(self, qgraph: QGraph, edges: dict[str, type]) -> None:
         """Every annotation sits on an edge of its kind (a pass between annotate and quantize may have
@@ -227,6 +235,14 @@ class QuantizePass(Pass):
                 f"range, but {why}; {NO_CALIBRATION}",
                 site.node,
             )
+        if spec.needs_act_range and not spec.act.symmetric:
+            if getattr(stats, "channel_min", None) is None or getattr(stats, "channel_max", None) is None:
+                raise PassError(
+                    self.name,
+                    f"annotated {spec.describe()}: asymmetric static activations need channel_min / "
+                    "channel_max from calibration, which its statistics lack; re-run the calibrate pass",
+                    site.node,
+                )
         if spec.needs_hessian and getattr(stats, "xtx", None) is None:
             if stats is not None:
                 why = "its calibration statistics have no Hessian XᵀX"
@@ -266,7 +282,7 @@ class QuantizePass(Pass):
         w_hat = qw.dequantize()
         rewriter.replace_weight(node, qw)
         aspec = spec.act
-        static_range = self._static_range(site, stats, aspec) if spec.needs_act_range else None
+        static_range = _static_range(stats, aspec) if spec.needs_act_range else None
         if aspec.enabled:
             rewriter.quantize_input(node, aspec, static_range)
         keys.set_(node, keys.QUANT, spec.scheme())
@@ -300,21 +316,6 @@ class QuantizePass(Pass):
             )
         except GPTQError as exc:
             raise PassError(self.name, f"GPTQ failed ({spec.describe()}): {exc}", site.node) from exc
-
-    def _static_range(self, site: LinearSite, stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
-        """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
-        extremes of the per-channel min/max."""
-        if aspec.symmetric:
-            absmax = float(stats.tensor_absmax)
-            return -absmax, absmax
-        lo, hi = getattr(stats, "channel_min", None), getattr(stats, "channel_max", None)
-        if lo is None or hi is None:
-            raise PassError(
-                self.name,
-                "asymmetric static activations need channel_min/channel_max from calibration",
-                site.node,
-            )
-        return float(lo.min()), float(hi.max())
 
     # ---- embedding -----------------------------------------------------------------------------------
 
@@ -376,6 +377,15 @@ class QuantizePass(Pass):
                 )
             )
         return rows
+
+
+def _static_range(stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
+    """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
+    extremes of the per-channel min/max."""
+    if aspec.symmetric:
+        absmax = float(stats.tensor_absmax)
+        return -absmax, absmax
+    return float(stats.channel_min.min()), float(stats.channel_max.max())
 
 
 def _linear_left_alone(site: LinearSite, node: fx.Node, spec: Any) -> str | None:
