@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Literal
 
 import torch.fx as fx
 
-from qcompile.analysis.structure import LinearRole, LinearSite, Structure
+from qcompile.analysis.structure import AttentionSite, EmbeddingSite, LinearRole, LinearSite, Structure
 from qcompile.ir import QGraph, keys
 from qcompile.pipeline import facts
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
@@ -183,13 +183,10 @@ class AnnotatePass(Pass):
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         self._check_overrides_select(st)
         by_name = {n.name: n for n in qgraph.graph.nodes}
+        linears, excluded = self._decide_linears(st)
+        embeddings = self._embedding_sites(st)
         kv = self._kv_entries(st, by_name)
-        for node in qgraph.graph.nodes:
-            keys.clear(node, keys.QSPEC)
-        linears, excluded = self._annotate_linears(st, by_name)
-        embeddings = self._annotate_embeddings(st, by_name)
-        caches = self._annotate_kv(kv)
-        if not (linears or embeddings or caches):
+        if not (linears or embeddings or kv):
             opts = self.options
             raise PassError(
                 self.name,
@@ -198,28 +195,40 @@ class AnnotatePass(Pass):
                 f"{len(opts.overrides)} overrides) and neither embedding_bits nor kv_cache_bits is set; "
                 "include some roles or drop the annotate and quantize passes",
             )
-        report = {
-            "linears": dict(Counter(spec.describe() for spec in linears.values())),
-            "annotated": len(linears),
-            "excluded": excluded,
-            "overrides": [
-                {
-                    "override": i,
-                    "selects": o.describe(),
-                    "linears": sum(o.selects(s) for s in st.linears.values()),
-                }
-                for i, o in enumerate(self.options.overrides)
-            ],
-            "embedding": embeddings,
-            "kv_cache": caches,
-        }
+        embedding_rows, cache_rows = self._write(qgraph, by_name, linears, embeddings, kv)
+        report = _report(self.options.overrides, st, linears, excluded, embedding_rows, cache_rows)
         return PassResult(qgraph, changed=False, report=report, summary=_summary(report))
+
+    def _write(
+        self,
+        qgraph: QGraph,
+        by_name: dict[str, fx.Node],
+        linears: dict[str, LinearQuantSpec],
+        embeddings: list[EmbeddingSite],
+        kv: list[tuple[AttentionSite, fx.Node, fx.Node]],
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Replace every annotation by the decided ones (run only once every check passed)."""
+        for node in qgraph.graph.nodes:
+            keys.clear(node, keys.QSPEC)
+        for name, spec in linears.items():
+            keys.set_(by_name[name], keys.QSPEC, spec)
+        embedding_spec, kv_spec = self.options.embedding_spec(), self.options.kv_cache_spec()
+        for site in embeddings:
+            keys.set_(by_name[site.node], keys.QSPEC, embedding_spec)
+        for _, key, value in kv:
+            keys.set_(key, keys.QSPEC, kv_spec)
+            keys.set_(value, keys.QSPEC, kv_spec)
+        embedding_rows = [{"node": site.node, "scheme": embedding_spec.scheme()} for site in embeddings]
+        cache_rows = [
+            {"layer": site.layer, "key": key.name, "value": value.name, "scheme": kv_spec.scheme()}
+            for site, key, value in kv
+        ]
+        return embedding_rows, cache_rows
 
     # ---- linears ----------------------------------------------------------------------------------
 
-    def _annotate_linears(
-        self, st: Structure, by_name: dict[str, fx.Node]
-    ) -> tuple[dict[str, LinearQuantSpec], list[dict[str, Any]]]:
+    def _decide_linears(self, st: Structure) -> tuple[dict[str, LinearQuantSpec], list[dict[str, Any]]]:
+        """Each linear's spec (equal schemes share one spec object), and the ones left float with why."""
         specs: dict[str, LinearQuantSpec] = {}
         excluded: list[dict[str, Any]] = []
         cache: dict[tuple, LinearQuantSpec] = {}
@@ -228,10 +237,7 @@ class AnnotatePass(Pass):
             if scheme is None:
                 excluded.append({"node": site.node, "role": site.role, "layer": site.layer, "reason": reason})
                 continue
-            key = dataclasses.astuple(scheme)
-            spec = cache.setdefault(key, scheme.spec())
-            keys.set_(by_name[site.node], keys.QSPEC, spec)
-            specs[site.node] = spec
+            specs[site.node] = cache.setdefault(dataclasses.astuple(scheme), scheme.spec())
         return specs, excluded
 
     def _decide(self, site: LinearSite) -> tuple[LinearScheme | None, str]:
@@ -274,9 +280,8 @@ class AnnotatePass(Pass):
 
     # ---- embedding and KV cache --------------------------------------------------------------------
 
-    def _annotate_embeddings(self, st: Structure, by_name: dict[str, fx.Node]) -> list[dict[str, str]]:
-        spec = self.options.embedding_spec()
-        if spec is None:
+    def _embedding_sites(self, st: Structure) -> list[EmbeddingSite]:
+        if self.options.embedding_bits is None:
             return []
         if not st.embeddings:
             raise PassError(
@@ -284,11 +289,11 @@ class AnnotatePass(Pass):
                 f"embedding_bits = {self.options.embedding_bits} but the analysis found no embedding "
                 "(a lookup of a constant table); drop embedding_bits",
             )
-        for site in st.embeddings:
-            keys.set_(by_name[site.node], keys.QSPEC, spec)
-        return [{"node": site.node, "scheme": spec.scheme()} for site in st.embeddings]
+        return list(st.embeddings)
 
-    def _kv_entries(self, st: Structure, by_name: dict[str, fx.Node]) -> list[tuple[Any, fx.Node, fx.Node]]:
+    def _kv_entries(
+        self, st: Structure, by_name: dict[str, fx.Node]
+    ) -> list[tuple[AttentionSite, fx.Node, fx.Node]]:
         """Every attention's key and value cache entries, or a refusal naming the attention (checked
         before any annotation is written)."""
         if self.options.kv_cache_bits is None:
@@ -314,15 +319,6 @@ class AnnotatePass(Pass):
                 pair.append(node)
             entries.append((site, pair[0], pair[1]))
         return entries
-
-    def _annotate_kv(self, entries: list[tuple[Any, fx.Node, fx.Node]]) -> list[dict[str, Any]]:
-        spec = self.options.kv_cache_spec()
-        rows = []
-        for site, key, value in entries:
-            keys.set_(key, keys.QSPEC, spec)
-            keys.set_(value, keys.QSPEC, spec)
-            rows.append({"layer": site.layer, "key": key.name, "value": value.name, "scheme": spec.scheme()})
-        return rows
 
 
 # ---- option checks (run when the recipe is loaded) -------------------------------------------------
@@ -355,6 +351,31 @@ def _check_override(defaults: LinearScheme, i: int, override: SchemeOverride) ->
 
 
 # ---- report --------------------------------------------------------------------------------------
+
+
+def _report(
+    overrides: list[SchemeOverride],
+    st: Structure,
+    linears: dict[str, LinearQuantSpec],
+    excluded: list[dict[str, Any]],
+    embeddings: list[dict[str, Any]],
+    caches: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "linears": dict(Counter(spec.describe() for spec in linears.values())),  # linears per scheme
+        "annotated": len(linears),
+        "excluded": excluded,
+        "overrides": [
+            {
+                "override": i,
+                "selects": o.describe(),
+                "linears": sum(o.selects(s) for s in st.linears.values()),
+            }
+            for i, o in enumerate(overrides)
+        ],
+        "embedding": embeddings,
+        "kv_cache": caches,
+    }
 
 
 def _summary(report: dict[str, Any]) -> str:

@@ -210,11 +210,14 @@ def test_overrides_the_model_cannot_satisfy_are_refused_before_any_annotation(an
     ):
         AnnotatePass({"overrides": [{"roles": ["fc1"], "weight_bits": 4}]})(qg, PassContext())
     assert _specs(qg) == {}
+    AnnotatePass(W4)(qg, PassContext())
+    before = _specs(qg)
     with pytest.raises(
         PassError,
         match=r"select nothing to quantize: all 15 linears stay float \(exclude_roles \['lm_head'\], include_roles \[\]",
     ):
         AnnotatePass({"include_roles": []})(qg, PassContext())
+    assert _specs(qg) == before and len(before) == 14  # a refusal leaves the earlier annotations
 
 
 def test_quantize_without_annotate_is_refused_when_the_recipe_loads():
