@@ -46,7 +46,6 @@ import qcompile  # noqa: E402
 from qcompile.backends.onnx import OrtDecoder, SessionOptions, set_accuracy_level  # noqa: E402
 from qcompile.frontend.decoder import capture_decoder  # noqa: E402
 from qcompile.ir import keys  # noqa: E402
-from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head  # noqa: E402
 from qcompile.pipeline.instruments import DisablePasses  # noqa: E402
 from qcompile.tools.eval import perplexity  # noqa: E402
 from qcompile.tools.export import export_decoder, load_causal_lm, quantize_decoder  # noqa: E402
@@ -55,12 +54,21 @@ PLAIN = ("onnx.*",)  # what the *-plain rows disable: every ONNX rewrite (the pl
 
 
 @dataclass(frozen=True)
+class Head:
+    """lm_head and the tied embedding quantized to ``bits`` in symmetric groups of ``group``
+    (``Recipe.with_quantization``, what ``export-onnx --lm-head-bits --embedding-bits`` does)."""
+
+    bits: int
+    group: int
+
+
+@dataclass(frozen=True)
 class Row:
     """One benchmarked file: a recipe, optional lm_head/embedding quantization, accuracy level."""
 
     name: str
     recipe: str | None  # None: the peer (ORT's quantizer on the FP32 file)
-    head: HeadQuantOptions | None = None
+    head: Head | None = None
     accuracy_level: int = 4
     disabled: tuple[str, ...] = ()  # passes (or equivalence-pass patterns) the export does not run
 
@@ -70,7 +78,7 @@ def _headed(
 ) -> Row:
     """A W4A16 row whose lm_head and (tied) embedding are quantized to ``bits`` in ``group``s."""
     name = f"{label or recipe} g128 + lm_head/emb int{bits} g{group} (tied), acc 4"
-    head = HeadQuantOptions(bits, bits, group)
+    head = Head(bits, group)
     return Row(name + ("" if not disabled else ", no ORT rewrites"), recipe, head, disabled=disabled)
 
 
@@ -99,7 +107,18 @@ _calibration_cache: dict = {}
 _references: dict = {}  # (recipe, head) -> the decode-step QGraph an export came from
 
 
-def _calibration(recipe: str, tok) -> list[torch.Tensor] | None:
+def row_recipe(row: Row):
+    """The recipe a row runs: its shipped recipe, with the head's annotations when it has one."""
+    from qcompile.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(row.recipe if row.recipe is not None else "fp")
+    if row.head is None:
+        return recipe
+    bits, group = row.head.bits, row.head.group
+    return recipe.with_quantization(lm_head_bits=bits, embedding_bits=bits, head_group_size=group)
+
+
+def _calibration(recipe, tok) -> list[torch.Tensor] | None:
     """Calibration windows for ``recipe`` if it calibrates (the export CLI's default budget)."""
     from qcompile.pipeline.recipe import load_recipe
     from qcompile.tools.data import calibration_windows
@@ -126,7 +145,7 @@ def _with_head_group(row: Row, group: int) -> Row:
     """``row`` with its head quantized in groups of ``group`` (``--head-group-size``)."""
     if row.head is None:
         return row
-    return _headed(row.recipe, row.head.lm_head_bits, group, row.disabled)
+    return _headed(row.recipe, row.head.bits, group, row.disabled)
 
 
 class _Timer:
@@ -249,13 +268,12 @@ def peer_quantize(fp_path: Path, out: Path) -> None:
 
 def reference_ppl(prefill_graph, row: Row, tok, windows: int, seq_len: int) -> float:
     ids = prefill_graph[1]
-    cal = _calibration(row.recipe, tok)
+    recipe = row_recipe(row)
+    cal = _calibration(recipe, tok)
     batches = [(w,) for w in cal] if cal is not None else None
     qm = qcompile.quantize(
-        prefill_graph[0], row.recipe, calibration=batches, example_inputs=(ids,), progress=False
+        prefill_graph[0], recipe, calibration=batches, example_inputs=(ids,), progress=False
     )
-    if row.head is not None:
-        quantize_head(qm.qgraph, row.head)
     return perplexity(qm.qgraph, tok, seq_len=seq_len, max_windows=windows, progress=False).ppl
 
 
@@ -266,7 +284,8 @@ def _ort_deviation(path: Path, decoder, row: Row, tok, threads: int, n: int = 4,
 
     reference = _references.get((row.recipe, row.head))
     if reference is None:  # --reuse: the file was not exported by this run
-        reference = quantize_decoder(decoder, row.recipe, _calibration(row.recipe, tok), head=row.head)
+        recipe = row_recipe(row)
+        reference = quantize_decoder(decoder, recipe, _calibration(recipe, tok))
     ids = tokenize(tok, load_wikitext_test())[0][: n * length].view(n, length)
     dec = OrtDecoder(path, SessionOptions(threads=threads))
     ort_logits, _ = dec.step(ids.numpy(), dec.empty_cache(n))
@@ -284,18 +303,18 @@ def build_files(rows: list[Row], model, tok, decoder, work: Path, reuse: bool) -
         recipe = row.recipe if row.recipe is not None else "fp"
         key = (recipe, row.head, row.disabled)
         if key not in exports:
-            head = f"-head{row.head.lm_head_bits}g{row.head.group_size}" if row.head else ""
+            head = f"-head{row.head.bits}g{row.head.group}" if row.head else ""
             stem = f"{recipe}{head}{'-plain' if row.disabled else ''}"
             path = work / f"{stem}.onnx"
             if not (reuse and path.exists()):
                 t0 = time.perf_counter()
+                full = row_recipe(row)
                 exp = export_decoder(
                     model,
                     path,
-                    recipe=recipe,
+                    recipe=full,
                     qgraph=decoder,
-                    head=row.head,
-                    calibration=_calibration(recipe, tok),
+                    calibration=_calibration(full, tok),
                     instruments=[DisablePasses(row.disabled)] if row.disabled else [],
                 )
                 _references[key[:2]] = exp.qgraph  # quantized (and head-quantized), unfused: the reference

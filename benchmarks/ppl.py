@@ -15,7 +15,7 @@ spread of the per-window NLL differences (:func:`qcompile.tools.eval.paired_delt
 rounding noise has mixed signs across windows and is of the order of its standard error.
 
 ``--head BITS``: after each recipe, also quantize lm_head and the (tied) embedding table to BITS,
-symmetric groups of ``--head-group`` (default 64; the ``quantize_head`` pass, what
+symmetric groups of ``--head-group`` (default 64; ``Recipe.with_quantization``, what
 ``export-onnx --lm-head-bits --embedding-bits`` ships) — in the reference and in the ORT file alike.
 """
 
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in recipes:
         recipe = load_recipe(name)
+        if args.head is not None:  # lm_head + tied embedding on one grid, as export-onnx ships it
+            recipe = recipe.with_quantization(
+                lm_head_bits=args.head, embedding_bits=args.head, head_group_size=args.head_group
+            )
         needs_cal = recipe.needs_calibration()
         if needs_cal and batches is None:
             batches = [(w,) for w in calibration_windows(tok, n_cal, len_cal, seed=args.seed)]
@@ -89,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         qm = qcompile.quantize(
             qgraph, recipe, calibration=batches if needs_cal else None, example_inputs=example
         )
-        if args.head is not None:
-            from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head
-
-            quantize_head(qm.qgraph, HeadQuantOptions(args.head, args.head, args.head_group))
         t_quant = time.perf_counter() - t0
         res = perplexity(qm.qgraph, tok, seq_len=args.seq_len, max_windows=args.windows)
         ort = _ort_ppls(qm.qgraph, example, tok, args) if args.ort else {}

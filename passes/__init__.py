@@ -3,6 +3,7 @@
 
 from qcompile.passes import (  # noqa: F401
     analyze,
+    annotate,
     calibrate,
     detect_outliers,
     fold_qdq,
@@ -11,8 +12,6 @@ from qcompile.passes import (  # noqa: F401
     identity,
     keep_reference,
     quantize,
-    quantize_head,
-    quantize_kv,
     rotate,
     smooth,
 )

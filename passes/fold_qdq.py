@@ -13,8 +13,8 @@ with ``x̂`` either the float input (weight-only) or ``dequantize(quantize(x, s,
 3. matches each linear into ``qcompile::qlinear_w`` (float activations: W4A16, W8A16) or
    ``qcompile::qlinear_wa`` (integer activations: W8A8, W4A8, W4A4, per-token dynamic or per-tensor
    static), which then reads the activation's *integer* tensor: the activation ``dequantize`` goes;
-4. matches ``embedding(dequantize(q, …), ids)`` (written by the ``quantize_head`` pass,
-   :mod:`qcompile.passes.quantize_head`) into ``qcompile::qembedding``. Each q constant is packed once,
+4. matches ``embedding(dequantize(q, …), ids)`` (written by ``quantize`` for an annotated embedding,
+   :mod:`qcompile.passes.quantize`) into ``qcompile::qembedding``. Each q constant is packed once,
    so a tied lm_head and embedding share one packed table.
 
 Folding changes no numbers: the new ops' reference implementations run exactly the float operations

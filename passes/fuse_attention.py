@@ -10,7 +10,7 @@ replaces, so no number changes beyond float reassociation inside sdpa) finds eac
 and whose mask is the causal ``le`` of key positions ``arange(P + S)`` against query positions
 ``arange(S) + P`` (:mod:`qcompile.analysis.attention`), and rewrites that core; anything else is left
 as it is and the report names the node and the reason. An int8 cache (keys/values quantized per
-channel by ``quantize_kv``) becomes ``qcompile::gqa_attention_int8kv`` and the cache inputs int8.
+channel by ``quantize`` on annotated cache entries) becomes ``qcompile::gqa_attention_int8kv`` and the cache inputs int8.
 
 Limits: head counts and head_dim must be static; every layer's cache has the same length (the decode
 step's contract); no padding mask.
@@ -127,7 +127,7 @@ class FuseAttentionPass(Pass):
             raise PassError(
                 self.name,
                 "some layers' KV cache is int8 and others' float; a decode step has one cache dtype "
-                "(quantize every layer's cache with quantize_kv, or none)",
+                "(annotate every layer's cache with kv_cache_bits, or none)",
             )
         if report.fused:
             graph.eliminate_dead_code()  # the masks, repeat_kv copies and cache concats

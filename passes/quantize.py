@@ -1,32 +1,42 @@
-"""``quantize``: insert quantize/dequantize around every selected linear (RTN or GPTQ weights, QDQ
-activations).
+"""``quantize``: the convert step — realise every quantization spec the ``annotate`` pass wrote.
 
-For each linear found by the ``analyze`` pass (``qgraph.info[keys.INFO_STRUCTURE]``):
+The pass has no scheme of its own: it reads ``node.meta["qcompile"]["qspec"]``
+(:mod:`qcompile.quant.spec`) and checks every annotation against the graph and the calibration
+statistics *before* it changes anything, so a refusal (a precise error naming the node and its spec)
+leaves the graph as it was. Then, in this order:
 
-- **weight**: the float constant W is replaced by ``qcompile.dequantize(q, scale, zero_point, g)`` on
-  new constants computed offline — the weight's quantize step is already constant-folded. The float
-  constant is removed when nothing else reads it (a tied embedding keeps it). ``weight_method``:
+1. **Linears** (:class:`~qcompile.quant.spec.LinearQuantSpec`, the lm_head included when annotated):
 
-  - ``rtn`` (default): :func:`qcompile.quant.rtn.quantize_weight`, round to nearest, with the
-    optional ``clip_search``;
-  - ``gptq``: :func:`qcompile.quant.gptq.gptq_quantize` (GPTQ, Frantar et al. 2022, Alg. 1) with the
-    Hessian ``XᵀX`` from calibration — the ``calibrate`` pass must run with ``hessian = true``.
-    With ``clip_search`` the group grids are RTN's clipped ones, fixed before GPTQ's loop (see
-    :mod:`qcompile.quant.gptq`). Linears are quantized one at a time;
-    once every linear reading an ``XᵀX`` is quantized, the pass drops it from the calibration
-    statistics (new stats objects in ``ctx.state[keys.STATE_CALIBRATION]`` and ``act_stats``; the shared
-    objects are never mutated), so the Hessians are freed as the pass goes.
-- **input activation** (unless ``act_mode = "none"``): dynamic per token,
-  ``choose_qparams_per_token → quantize → dequantize``; or static per tensor, ``quantize →
-  dequantize`` with a scale from the calibrated abs-max (``ctx.state[keys.STATE_CALIBRATION]``, written by the
-  ``calibrate`` pass). Linears that read the same tensor (q, k, v; gate, up) share one QDQ chain.
+   - weight: the float constant W is replaced by ``qcompile.dequantize(q, scale, zero_point, g)`` on
+     constants computed offline — RTN (:func:`qcompile.quant.rtn.quantize_weight`, with the optional
+     clip search on the calibration inputs) or GPTQ (:func:`qcompile.quant.gptq.gptq_quantize`, GPTQ
+     Alg. 1, with the Hessian ``XᵀX`` from ``calibrate(hessian = true)``; with clip search the group
+     grids are RTN's clipped ones). Linears go one at a time; once every linear reading an ``XᵀX``
+     is quantized, the Hessian is dropped from the calibration statistics (new stats objects; the
+     shared ones are never mutated). The float constant is removed when nothing else reads it.
+   - input activation (unless ``none``): dynamic per token, ``choose_qparams_per_token → quantize →
+     dequantize``; or static per tensor with a scale from the calibrated range. Linears reading the
+     same tensor with the same scheme (q, k, v; gate, up) share one QDQ chain.
 
-Scale rules and the ragged last group are those of :mod:`qcompile.quant.rtn`. The embedding is
-excluded by construction (a gather, not a linear); ``lm_head`` is excluded by default. Every
-inserted node gets ``meta["val"]`` from the ops' fake implementations, and each quantized linear
-gets ``node.meta["qcompile"]["quant"]`` = its scheme string (e.g. ``w4g128s-a8ts``, see
-:mod:`qcompile.quant.scheme`). The report gives per-linear weight SQNR and, when calibration samples
-exist, output SQNR on them (``X Wᵀ`` vs ``X̂ Ŵᵀ``, the activation scheme applied, bias left out).
+2. **Embedding tables** (:class:`~qcompile.quant.spec.EmbeddingQuantSpec`): ``embedding(W, ids)`` →
+   ``embedding(dequantize(q, s, z, g), ids)`` (RTN), the form ``fold_qdq`` turns into
+   ``qcompile::qembedding``. A table tied to an lm_head quantized on the same weight grid reads the
+   lm_head's dequantize instead: the tie survives quantization and the table is stored once.
+
+3. **KV cache** (:class:`~qcompile.quant.spec.KVCacheQuantSpec`): each annotated key / value entry
+   ``[B, KV, S, D]`` is replaced by ``dequantize(quantize(x, s, 0, -128, 127))`` before it enters the
+   cache (or attention), one static scale per channel (kv head × head dim), ``s = max|x| / 127.5``
+   (a channel never seen nonzero gets scale 1). The ranges are observed here, on the calibration
+   batches run through the graph as it is *after* the weights were quantized — statistics from an
+   earlier ``calibrate`` would be stale (SmoothQuant's v → o smoothing divides the value channels,
+   QuaRot's R2 rotates them). Per-channel key scales follow KIVI (key outliers sit in fixed channels;
+   after RoPE a channel pair shares a rotation).
+
+Every inserted node gets ``meta["val"]`` from the ops' fake implementations; each quantized node gets
+``node.meta["qcompile"]["quant"]`` = its scheme string (:mod:`qcompile.quant.scheme`). The report
+gives per-linear weight SQNR and, with calibration samples, output SQNR (``X Wᵀ`` vs ``X̂ Ŵᵀ``, bias
+left out), the count of linears per scheme, the embedding's weight SQNR and, per KV entry, the SQNR on
+the calibration sample rows and the fraction of values at the clip limit.
 """
 
 from __future__ import annotations
@@ -34,29 +44,36 @@ from __future__ import annotations
 import math
 import operator
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 
 from qcompile import ops
-from qcompile.analysis.structure import LinearSite, Structure
+from qcompile.analysis.structure import AttentionSite, EmbeddingSite, LinearSite, Structure
 from qcompile.ir import QGraph, keys
 from qcompile.pipeline import facts
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.quant.calibration import CalibrationError, LinearInputStats, calibrate
 from qcompile.quant.gptq import GPTQError, gptq_quantize
 from qcompile.quant.rtn import (
     QuantizedWeight,
+    dequantize_ref,
     fake_quant_activation,
+    quantize_ref,
     quantize_weight,
     sqnr_db,
     static_per_tensor_qparams,
+    symmetric_qparams,
 )
-from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec, scheme_string
+from qcompile.quant.scheme import ActQuantSpec
+from qcompile.quant.spec import EmbeddingQuantSpec, KVCacheQuantSpec, LinearQuantSpec
 
-NO_CALIBRATION = "run the calibrate pass first or choose act_mode=dynamic_per_token"
-NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize) or choose weight_method=rtn"
+NO_CALIBRATION = "run the calibrate pass before quantize, or annotate act_mode = 'dynamic_per_token'"
+NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize), or annotate weight_method = 'rtn'"
+NO_KV_BATCHES = "pass calibration=... to qcompile.quantize, or annotate without kv_cache_bits"
 
 
 @dataclass
@@ -73,118 +90,169 @@ class LinearQuantReport:
     method: str = "rtn"  # weight quantizer: rtn | gptq
 
 
+@dataclass
+class CacheQuantReport:
+    """One quantized KV-cache entry and the error it now carries (on the calibration sample rows)."""
+
+    layer: int | None
+    attention: str  # the sdpa node
+    entry: str  # key | value
+    node: str
+    scheme: str
+    sqnr_db: float | None
+    clipped: float | None  # fraction of sampled values at the grid's limit
+
+
+@dataclass
+class _Plan:
+    """Every annotation checked against the graph, before anything changes."""
+
+    linears: list[tuple[LinearSite, fx.Node, LinearQuantSpec, Any]] = field(default_factory=list)
+    embeddings: list[tuple[EmbeddingSite, fx.Node, EmbeddingQuantSpec]] = field(default_factory=list)
+    caches: list[tuple[AttentionSite, str, fx.Node, KVCacheQuantSpec]] = field(default_factory=list)
+    left: list[dict[str, Any]] = field(default_factory=list)  # not quantized, with the reason
+
+
 @register_pass
 class QuantizePass(Pass):
-    """RTN or GPTQ weights + QDQ activations on every selected linear (see the module docstring)."""
+    """Convert every annotated linear, embedding and KV-cache entry (see the module docstring)."""
 
     name: ClassVar[str] = "quantize"
     kind = "quantize"
-    requires = (facts.STRUCTURE,)
+    requires = (facts.STRUCTURE, facts.SPECS_ANNOTATED)
 
     @dataclass
     class Options:
-        """Quantization scheme of the linears (defaults: W8A8, per-channel weights, per-token acts)."""
+        """How the convert step measures, not what it quantizes (that is the annotations')."""
 
-        weight_bits: int = 8
-        weight_symmetric: bool = True
-        group_size: int = 0  # 0 = per output channel; g = groups of g input channels (ragged last)
-        clip_search: bool = False  # search a range shrink per row/group (output error if calibrated)
-        act_bits: int = 8
-        act_mode: Literal["dynamic_per_token", "static_per_tensor", "none"] = "dynamic_per_token"
-        act_symmetric: bool = True
-        exclude_roles: list[str] = field(default_factory=lambda: ["lm_head"])
-        include_roles: list[str] | None = None  # None = every role not excluded
-        weight_method: Literal["rtn", "gptq"] = "rtn"  # gptq needs calibrate(hessian = true)
-        gptq_block_size: int = 128  # columns per lazy-update block (GPTQ Alg. 1)
-        gptq_damp: float = 0.01  # λ = damp · mean(diag H) added to H's diagonal
-        gptq_act_order: bool = False  # columns by decreasing diag(H); groups stay contiguous (static)
+        kv_sample_rows: int = 256  # rows kept per KV-cache entry (seeded reservoir) for the error report
 
         def __post_init__(self) -> None:
-            self.weight_spec()  # validates bits / group size
-            self.act_spec()
-            if self.gptq_block_size <= 0 or self.gptq_damp < 0:
-                raise ValueError("gptq_block_size must be > 0 and gptq_damp >= 0")
-
-        def weight_spec(self) -> WeightQuantSpec:
-            return WeightQuantSpec(self.weight_bits, self.weight_symmetric, self.group_size, self.clip_search)
-
-        def act_spec(self) -> ActQuantSpec:
-            return ActQuantSpec(self.act_bits, self.act_mode, self.act_symmetric)
-
-    def required_facts(self) -> tuple:
-        # GPTQ reads XᵀX and static activations their calibrated ranges
-        opts = self.options
-        calibrated = opts.weight_method == "gptq" or opts.act_mode == "static_per_tensor"
-        return self.requires + ((facts.CALIBRATION,) if calibrated else ())
+            if self.kv_sample_rows < 0:
+                raise ValueError(f"kv_sample_rows must be >= 0, got {self.kv_sample_rows}")
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
         st: Structure | None = qgraph.info.get(keys.INFO_STRUCTURE)
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
-        wspec, aspec = self.options.weight_spec(), self.options.act_spec()
-        gptq = self.options.weight_method == "gptq"
-        calibration: dict[str, Any] | None = ctx.state.get(keys.STATE_CALIBRATION)
-        by_name = {n.name: n for n in qgraph.graph.nodes}
+        plan = self._plan(qgraph, st, ctx)
         rewriter = _Rewriter(qgraph)
-        rows: list[LinearQuantReport] = []
-        excluded: list[dict[str, str]] = []
-        selected: list[tuple[LinearSite, fx.Node, Any]] = []
-        for site in st.linears.values():
-            node = by_name[site.node]
-            reason = self._exclusion(site, node)
-            if reason is not None:
-                excluded.append({"node": site.node, "role": site.role, "reason": reason})
-                continue
-            stats = calibration.get(site.node) if calibration is not None else None
-            self._check_calibration(site, stats, calibration is not None, aspec)
-            selected.append((site, node, stats))
-        hessians = _HessianRelease(ctx, by_name) if gptq else None
-        for site, node, stats in selected:
-            rows.append(self._quantize_linear(qgraph, rewriter, node, site, wspec, aspec, stats))
-            if hessians is not None:
-                hessians.done(site.node)
+        hessians = _HessianRelease(ctx, {n.name: n for n in qgraph.graph.nodes})
+        rows = []
+        for site, node, spec, stats in plan.linears:
+            rows.append(self._quantize_linear(qgraph, rewriter, node, site, spec, stats))
+            hessians.done(site.node)
+        embedding_rows = [self._quantize_embedding(qgraph, rewriter, st, *item) for item in plan.embeddings]
+        cache_rows = self._quantize_caches(qgraph, rewriter, plan.caches, ctx)
         rewriter.drop_unused_weights()
         qgraph.recompile()
-        qgraph.info[keys.INFO_QUANTIZE] = {r.node: r.scheme for r in rows}
-        report = _report(rows, excluded, scheme_string(wspec, aspec))
-        report["weight_method"] = self.options.weight_method
-        return PassResult(qgraph, changed=bool(rows), report=report, summary=_summary(report, rows))
+        qgraph.info[keys.INFO_QUANTIZE] = (
+            {r.node: r.scheme for r in rows}
+            | {r["node"]: r["scheme"] for r in embedding_rows}
+            | {r.node: r.scheme for r in cache_rows}
+        )
+        report = _report(rows, plan.left, embedding_rows, cache_rows)
+        changed = bool(rows or embedding_rows or cache_rows)
+        return PassResult(qgraph, changed=changed, report=report, summary=_summary(report, rows))
 
-    def _check_calibration(self, site: LinearSite, stats: Any, calibrated: bool, aspec: ActQuantSpec) -> None:
-        """Refuse, before the graph is touched, a linear whose calibration the scheme cannot do without."""
-        why = "no calibration statistics" if not calibrated else "no calibration entry for it"
-        if aspec.mode == "static_per_tensor" and stats is None:
-            raise PassError(self.name, f"act_mode=static_per_tensor but {why}; {NO_CALIBRATION}", site.node)
-        if self.options.weight_method == "gptq" and getattr(stats, "xtx", None) is None:
+    # ---- planning: every check before the first rewrite ----------------------------------------------
+
+    def _plan(self, qgraph: QGraph, st: Structure, ctx: PassContext) -> _Plan:
+        by_name = {n.name: n for n in qgraph.graph.nodes}
+        self._check_annotated_nodes(qgraph, _edges(st, by_name))
+        plan = _Plan()
+        self._plan_linears(plan, st, by_name, ctx.state.get(keys.STATE_CALIBRATION))
+        self._plan_embeddings(plan, st, by_name)
+        self._plan_caches(plan, st, by_name, bool(ctx.calibration))
+        return plan
+
+    def _plan_linears(self, plan: _Plan, st: Structure, by_name: dict, calibration: dict | None) -> None:
+        for site in st.linears.values():
+            node = by_name[site.node]
+            spec = keys.get(node).get(keys.QSPEC)
+            reason = _linear_left_alone(site, node, spec)
+            if reason is not None:
+                plan.left.append({"node": site.node, "role": site.role, "reason": reason})
+                continue
+            stats = calibration.get(site.node) if calibration is not None else None
+            self._check_calibration(site, spec, stats, calibration is not None)
+            plan.linears.append((site, node, spec, stats))
+
+    def _plan_embeddings(self, plan: _Plan, st: Structure, by_name: dict) -> None:
+        for site in st.embeddings:
+            node = by_name[site.node]
+            spec = keys.get(node).get(keys.QSPEC)
+            if spec is None:
+                continue
+            table = node.args[0]
+            if not (isinstance(table, fx.Node) and table.op == "get_attr"):
+                reason = "table is not a float constant (already quantized?)"
+                plan.left.append({"node": site.node, "role": "embedding", "reason": reason})
+                continue
+            plan.embeddings.append((site, node, spec))
+
+    def _plan_caches(self, plan: _Plan, st: Structure, by_name: dict, has_batches: bool) -> None:
+        for site, entry, node in _cache_entries(st, by_name):
+            spec = keys.get(node).get(keys.QSPEC)
+            if spec is None:
+                continue
+            if any(u.target is ops.QUANTIZE for u in node.users):
+                plan.left.append({"node": node.name, "role": entry, "reason": "already quantized"})
+                continue
+            if not has_batches:
+                raise PassError(
+                    self.name,
+                    f"{entry} cache entry annotated {spec.describe()}: its per-channel ranges are observed "
+                    f"on calibration batches, but the context has none; {NO_KV_BATCHES}",
+                    node.name,
+                )
+            plan.caches.append((site, entry, node, spec))
+
+    def _check_annotated_nodes(self, qgraph: QGraph, edges: dict[str, type]) -> None:
+        """Every annotation sits on an edge of its kind (a pass between annotate and quantize may have
+        moved what the annotation describes)."""
+        for node in qgraph.graph.nodes:
+            spec = node.meta.get(keys.NAMESPACE, {}).get(keys.QSPEC)
+            if spec is None or isinstance(spec, edges.get(node.name, ())):
+                continue
+            what = f"a {edges[node.name].__name__} edge" if node.name in edges else "nothing quantizable"
+            raise PassError(
+                self.name,
+                f"annotated {spec.describe()} ({type(spec).__name__}) but the analysis finds {what} here; "
+                "re-run annotate after the pass that changed the graph",
+                node.name,
+            )
+
+    def _check_calibration(
+        self, site: LinearSite, spec: LinearQuantSpec, stats: Any, calibrated: bool
+    ) -> None:
+        """Refuse, before the graph is touched, a linear whose spec needs calibration it lacks."""
+        why = "there are no calibration statistics" if not calibrated else "calibration has no entry for it"
+        if spec.needs_act_range and stats is None:
+            raise PassError(
+                self.name,
+                f"annotated {spec.describe()}: static activations take their scale from the calibrated "
+                f"range, but {why}; {NO_CALIBRATION}",
+                site.node,
+            )
+        if spec.needs_act_range and not spec.act.symmetric:
+            if getattr(stats, "channel_min", None) is None or getattr(stats, "channel_max", None) is None:
+                raise PassError(
+                    self.name,
+                    f"annotated {spec.describe()}: asymmetric static activations need channel_min / "
+                    "channel_max from calibration, which its statistics lack; re-run the calibrate pass",
+                    site.node,
+                )
+        if spec.needs_hessian and getattr(stats, "xtx", None) is None:
             if stats is not None:
                 why = "its calibration statistics have no Hessian XᵀX"
-            raise PassError(self.name, f"weight_method=gptq but {why}; {NO_HESSIAN}", site.node)
-
-    def _exclusion(self, site: LinearSite, node: fx.Node) -> str | None:
-        opts = self.options
-        if site.role in opts.exclude_roles:
-            return f"role {site.role} in exclude_roles"
-        if opts.include_roles is not None and site.role not in opts.include_roles:
-            return f"role {site.role} not in include_roles"
-        w = node.args[1]
-        if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) == site.weight):
-            return "weight is no longer a float constant (already quantized?)"
-        return None
-
-    def _quantize_linear(
-        self,
-        qgraph: QGraph,
-        rewriter: _Rewriter,
-        node: fx.Node,
-        site: LinearSite,
-        wspec: WeightQuantSpec,
-        aspec: ActQuantSpec,
-        stats: Any,
-    ) -> LinearQuantReport:
-        w = qgraph.get_constant(site.weight)
-        samples = getattr(stats, "samples", None) if stats is not None else None
-        xtx = getattr(stats, "xtx", None) if stats is not None else None
+            raise PassError(
+                self.name,
+                f"annotated {spec.describe()}: GPTQ needs XᵀX of its input, but {why}; {NO_HESSIAN}",
+                site.node,
+            )
         n = site.in_features
+        samples, xtx = getattr(stats, "samples", None), getattr(stats, "xtx", None)
         for what, t, ok in (
             ("samples", samples, samples is None or (samples.dim() == 2 and samples.shape[1] == n)),
             ("xtx", xtx, xtx is None or tuple(xtx.shape) == (n, n)),
@@ -196,60 +264,169 @@ class QuantizePass(Pass):
                     "was the graph changed after calibration? re-run the calibrate pass",
                     site.node,
                 )
-        qw = self._quantize_weight(w, wspec, stats, site)
+
+    # ---- linears -----------------------------------------------------------------------------------
+
+    def _quantize_linear(
+        self,
+        qgraph: QGraph,
+        rewriter: _Rewriter,
+        node: fx.Node,
+        site: LinearSite,
+        spec: LinearQuantSpec,
+        stats: Any,
+    ) -> LinearQuantReport:
+        w = qgraph.get_constant(site.weight)
+        samples = getattr(stats, "samples", None) if stats is not None else None
+        qw = self._quantize_weight(w, spec, stats, site)
         w_hat = qw.dequantize()
         rewriter.replace_weight(node, qw)
-        static_range = self._static_range(site, stats, aspec) if aspec.mode == "static_per_tensor" else None
+        aspec = spec.act
+        static_range = _static_range(stats, aspec) if spec.needs_act_range else None
         if aspec.enabled:
             rewriter.quantize_input(node, aspec, static_range)
-        scheme = scheme_string(wspec, aspec)
-        keys.set_(node, keys.QUANT, scheme)
+        keys.set_(node, keys.QUANT, spec.scheme())
         out_sqnr = None
         if samples is not None and samples.numel():
             x = samples.to(device=w.device, dtype=w.dtype)
             out_sqnr = sqnr_db(x @ w.T, fake_quant_activation(x, aspec, static_range) @ w_hat.T)
         clip = float(qw.clip_ratio.mean()) if qw.clip_ratio is not None else None
-        method = self.options.weight_method
         return LinearQuantReport(
-            site.node, site.role, site.layer, scheme, sqnr_db(w, w_hat), out_sqnr, clip, method
+            site.node, site.role, site.layer, spec.scheme(), sqnr_db(w, w_hat), out_sqnr, clip, spec.method
         )
 
     def _quantize_weight(
-        self, w: torch.Tensor, wspec: WeightQuantSpec, stats: Any, site: LinearSite
+        self, w: torch.Tensor, spec: LinearQuantSpec, stats: Any, site: LinearSite
     ) -> QuantizedWeight:
-        """W quantized by the chosen method: RTN (clip search on the calibration inputs) or GPTQ."""
-        opts = self.options
-        if opts.weight_method == "rtn":
+        """W quantized by the spec's method: RTN (clip search on the calibration inputs) or GPTQ."""
+        if spec.gptq is None:
             samples = getattr(stats, "samples", None) if stats is not None else None
             xtx = getattr(stats, "xtx", None) if stats is not None else None
-            return quantize_weight(w, wspec, samples=samples, xtx=xtx)
+            return quantize_weight(w, spec.weight, samples=samples, xtx=xtx)
+        g = spec.gptq
         try:
             return gptq_quantize(
                 w,
                 stats.xtx,
                 stats.n_tokens,
-                wspec,
-                block_size=opts.gptq_block_size,
-                damp=opts.gptq_damp,
-                act_order=opts.gptq_act_order,
+                spec.weight,
+                block_size=g.block_size,
+                damp=g.damp,
+                act_order=g.act_order,
             )
         except GPTQError as exc:
-            raise PassError(self.name, f"GPTQ failed: {exc}", site.node) from exc
+            raise PassError(self.name, f"GPTQ failed ({spec.describe()}): {exc}", site.node) from exc
 
-    def _static_range(self, site: LinearSite, stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
-        """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
-        extremes of the per-channel min/max."""
-        if aspec.symmetric:
-            absmax = float(stats.tensor_absmax)
-            return -absmax, absmax
-        lo, hi = getattr(stats, "channel_min", None), getattr(stats, "channel_max", None)
-        if lo is None or hi is None:
-            raise PassError(
-                self.name,
-                "asymmetric static activations need channel_min/channel_max from calibration",
-                site.node,
+    # ---- embedding -----------------------------------------------------------------------------------
+
+    def _quantize_embedding(
+        self,
+        qgraph: QGraph,
+        rewriter: _Rewriter,
+        st: Structure,
+        site: EmbeddingSite,
+        node: fx.Node,
+        spec: EmbeddingQuantSpec,
+    ) -> dict[str, Any]:
+        table = node.args[0]
+        w = qgraph.get_constant(table)
+        tied = _tied_head_dequantize(qgraph, st, table, spec)
+        if tied is not None:
+            node.prepend(tied)  # the lm_head's dequantize sits at the end of the graph; the lookup is first
+            deq = tied
+        else:
+            deq = rewriter.dequantized_table(node, table, quantize_weight(w, spec.weight))
+        w_hat = ops.dequantize(*(qgraph.get_constant(a) for a in deq.args[:3]), deq.args[3])
+        node.replace_input_with(table, deq)
+        rewriter.replaced.append(table)
+        keys.set_(node, keys.QUANT, spec.scheme())
+        return {
+            "node": site.node,
+            "scheme": spec.scheme(),
+            "shared_with_lm_head": tied is not None,
+            "weight_sqnr_db": sqnr_db(w, w_hat),
+        }
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+
+    def _quantize_caches(
+        self, qgraph: QGraph, rewriter: _Rewriter, caches: list, ctx: PassContext
+    ) -> list[CacheQuantReport]:
+        """Observe every entry's per-channel range on the graph as it is now, then fake-quantize it."""
+        if not caches:
+            return []
+        try:
+            calibrate(
+                qgraph,
+                ctx.calibration,
+                sample_rows=self.options.kv_sample_rows,
+                seed=ctx.seed,
+                progress=ctx.show_progress,
+                linears=[],
+                cache_entries=[node.name for _, _, node, _ in caches],
             )
-        return float(lo.min()), float(hi.max())
+        except CalibrationError as exc:
+            raise PassError(self.name, str(exc).removeprefix("calibrate: ")) from exc
+        rows = []
+        for site, entry, node, spec in caches:
+            stats = keys.get(node)[keys.KV_STATS]
+            sqnr, clipped = rewriter.quantize_cache_entry(node, stats, spec)
+            rows.append(
+                CacheQuantReport(
+                    site.layer, site.attention_node, entry, node.name, spec.scheme(), sqnr, clipped
+                )
+            )
+        return rows
+
+
+def _static_range(stats: Any, aspec: ActQuantSpec) -> tuple[float, float]:
+    """The calibrated range [lo, hi] of the linear's input: ±tensor_absmax (symmetric), else the
+    extremes of the per-channel min/max."""
+    if aspec.symmetric:
+        absmax = float(stats.tensor_absmax)
+        return -absmax, absmax
+    return float(stats.channel_min.min()), float(stats.channel_max.max())
+
+
+def _linear_left_alone(site: LinearSite, node: fx.Node, spec: Any) -> str | None:
+    if spec is None:
+        return "not annotated"
+    w = node.args[1]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) == site.weight):
+        return "weight is no longer a float constant (already quantized?)"
+    return None
+
+
+def _cache_entries(st: Structure, by_name: dict[str, fx.Node]) -> list[tuple[AttentionSite, str, fx.Node]]:
+    """Every KV-cache entry the analysis found: (attention, "key" | "value", node)."""
+    found = []
+    for site in st.attentions:
+        for entry, name in (("key", site.key_source), ("value", site.value_source)):
+            if name is not None and name in by_name:
+                found.append((site, entry, by_name[name]))
+    return found
+
+
+def _edges(st: Structure, by_name: dict[str, fx.Node]) -> dict[str, type]:
+    """Node name -> the spec class an annotation there must have."""
+    edges: dict[str, type] = {name: LinearQuantSpec for name in st.linears}
+    edges |= {site.node: EmbeddingQuantSpec for site in st.embeddings}
+    edges |= {node.name: KVCacheQuantSpec for _, _, node in _cache_entries(st, by_name)}
+    return edges
+
+
+def _tied_head_dequantize(
+    qgraph: QGraph, st: Structure, table: fx.Node, spec: EmbeddingQuantSpec
+) -> fx.Node | None:
+    """The lm_head's weight dequantize when the lm_head reads this very table on the same grid."""
+    if st.lm_head is None or st.linears[st.lm_head].weight != str(table.target):
+        return None
+    head = qgraph.node(st.lm_head)
+    deq = head.args[1]
+    if not (isinstance(deq, fx.Node) and deq.target is ops.DEQUANTIZE):
+        return None
+    head_spec = keys.get(head).get(keys.QSPEC)
+    return deq if isinstance(head_spec, LinearQuantSpec) and head_spec.weight == spec.weight else None
 
 
 class _HessianRelease:
@@ -270,7 +447,9 @@ class _HessianRelease:
                 self.holders.setdefault(id(st.xtx), []).append(name)
 
     def done(self, node: str) -> None:
-        calibration = self.ctx.state[keys.STATE_CALIBRATION]
+        calibration = self.ctx.state.get(keys.STATE_CALIBRATION)
+        if not self.holders or calibration is None or node not in calibration:
+            return
         self.quantized.add(node)
         names = self.holders.get(id(calibration[node].xtx), [])
         if not names or not all(n in self.quantized for n in names):
@@ -290,27 +469,39 @@ class _Rewriter:
     def __init__(self, qgraph: QGraph) -> None:
         self.qgraph = qgraph
         self.replaced: list[fx.Node] = []  # float weight get_attr nodes that lost a user
-        self.act_cache: dict[tuple, fx.Node] = {}  # (input node, static range) -> dequantized input
+        self.act_cache: dict[tuple, fx.Node] = {}  # (input node, scheme, static range) -> dequantized input
 
     def replace_weight(self, linear: fx.Node, qw: Any) -> None:
         """linear(x, W) → linear(x, dequantize(q, scale, zp, g)), the constants computed offline."""
         w_node = linear.args[1]
-        hint = str(w_node.target)
-        consts = [
-            self.qgraph.add_constant(f"{hint}_{suffix}", t, before=w_node)
-            for suffix, t in (("q", qw.q), ("scale", qw.scale), ("zero_point", qw.zero_point))
-        ]
+        consts = self._weight_constants(w_node, qw)
         deq = self._call(ops.DEQUANTIZE, (*consts, qw.group_size), before=linear, like=linear)
         linear.replace_input_with(w_node, deq)
         self.replaced.append(w_node)
 
+    def dequantized_table(self, lookup: fx.Node, table: fx.Node, qw: QuantizedWeight) -> fx.Node:
+        """``dequantize(q, s, z, g)`` of an embedding table, right before its lookup (the form
+        ``fold_qdq`` matches)."""
+        consts = self._weight_constants(table, qw)
+        with self.qgraph.graph.inserting_before(lookup):
+            deq = self.qgraph.graph.call_function(ops.DEQUANTIZE, (*consts, qw.group_size))
+        deq.meta["val"] = table.meta["val"]
+        return deq
+
+    def _weight_constants(self, w_node: fx.Node, qw: Any) -> list[fx.Node]:
+        hint = str(w_node.target)
+        return [
+            self.qgraph.add_constant(f"{hint}_{suffix}", t, before=w_node)
+            for suffix, t in (("q", qw.q), ("scale", qw.scale), ("zero_point", qw.zero_point))
+        ]
+
     def quantize_input(
         self, linear: fx.Node, spec: ActQuantSpec, static_range: tuple[float, float] | None
     ) -> None:
-        """Put a QDQ chain on the linear's input; linears reading the same tensor (and, when static,
-        with the same calibrated range) share it."""
+        """Put a QDQ chain on the linear's input; linears reading the same tensor with the same scheme
+        (and, when static, the same calibrated range) share it."""
         x = linear.args[0]
-        key = (x, static_range)
+        key = (x, spec, static_range)
         if key not in self.act_cache:
             if spec.mode == "dynamic_per_token":
                 qp = self._call(
@@ -321,15 +512,41 @@ class _Rewriter:
             else:
                 val = x.meta["val"]
                 s, z = (t.to(val.device) for t in static_per_tensor_qparams(*static_range, spec, val.dtype))
-                scale = self.qgraph.add_constant(
-                    f"{linear.name}_act_scale", s, before=_first_placeholder(self.qgraph)
-                )
-                zp = self.qgraph.add_constant(
-                    f"{linear.name}_act_zero_point", z, before=_first_placeholder(self.qgraph)
-                )
+                first = _first_placeholder(self.qgraph)
+                scale = self.qgraph.add_constant(f"{linear.name}_act_scale", s, before=first)
+                zp = self.qgraph.add_constant(f"{linear.name}_act_zero_point", z, before=first)
             q = self._call(ops.QUANTIZE, (x, scale, zp, spec.qmin, spec.qmax, 0), linear, linear)
             self.act_cache[key] = self._call(ops.DEQUANTIZE, (q, scale, zp, 0), linear, linear)
         linear.replace_input_with(x, self.act_cache[key])
+
+    def quantize_cache_entry(
+        self, node: fx.Node, stats: LinearInputStats, spec: KVCacheQuantSpec
+    ) -> tuple[float | None, float | None]:
+        """Route every reader of ``node`` through ``dequantize(quantize(node))`` with per-channel static
+        scales; returns (SQNR dB, clipped fraction) on the calibration sample rows."""
+        val = node.meta["val"]
+        kv, d = int(val.shape[1]), int(val.shape[3])
+        qmin, qmax = spec.qmin, spec.qmax
+        scale, zero = symmetric_qparams(stats.channel_absmax, qmin, qmax, val.dtype)  # absmax / 127.5
+        scale = scale.to(val.dtype)
+        readers = list(node.users)
+        anchor = next(iter(self.qgraph.graph.nodes))  # constants go first
+        s_node = self.qgraph.add_constant(f"{node.name}_kv_scale", scale.view(1, kv, 1, d), before=anchor)
+        z_node = self.qgraph.add_constant(f"{node.name}_kv_zero_point", zero.view(1, kv, 1, d), before=anchor)
+        order = {n: i for i, n in enumerate(self.qgraph.graph.nodes)}
+        first = min(readers, key=order.__getitem__)
+        q = self._call(ops.QUANTIZE, (node, s_node, z_node, qmin, qmax, 0), first, like=node)
+        dq = self._call(ops.DEQUANTIZE, (q, s_node, z_node, 0), first, like=node)
+        for user in readers:
+            user.replace_input_with(node, dq)
+        keys.set_(dq, keys.QUANT, spec.scheme())
+        samples = stats.samples
+        if not samples.numel():
+            return None, None
+        s = scale.to(samples.dtype).flatten()
+        q_samples = quantize_ref(samples, s, zero.flatten(), qmin, qmax, 0)
+        clipped = float(((q_samples == qmin) | (q_samples == qmax)).float().mean())
+        return sqnr_db(samples, dequantize_ref(q_samples, s, zero.flatten(), 0)), clipped
 
     def drop_unused_weights(self) -> None:
         """Erase float weight constants nothing reads any more (node and buffer)."""
@@ -364,14 +581,27 @@ def _stats(values: list[float]) -> dict[str, float] | None:
     return {"min": min(finite), "median": statistics.median(finite)}
 
 
-def _report(rows: list[LinearQuantReport], excluded: list[dict[str, str]], scheme: str) -> dict[str, Any]:
+def _report(
+    rows: list[LinearQuantReport],
+    left: list[dict[str, Any]],
+    embeddings: list[dict[str, Any]],
+    caches: list[CacheQuantReport],
+) -> dict[str, Any]:
     return {
-        "scheme": scheme,
+        # linears per scheme and method, e.g. {"w4g128a+clip-a16 gptq": 208, "w8g128a+clip-a16 gptq": 2}
+        "schemes": dict(Counter(f"{r.scheme} {r.method}" for r in rows)),
         "quantized": len(rows),
-        "excluded": excluded,
+        "left_float": left,
         "weight_sqnr_db": _stats([r.weight_sqnr_db for r in rows]),
         "output_sqnr_db": _stats([r.output_sqnr_db for r in rows if r.output_sqnr_db is not None]),
         "linears": [asdict(r) for r in rows],
+        "embedding": embeddings,
+        "kv_cache": {
+            "entries": [asdict(r) for r in caches],
+            "sqnr_db_median": _stats([r.sqnr_db for r in caches]),
+        }
+        if caches
+        else None,
     }
 
 
@@ -383,10 +613,9 @@ def _fmt_db(v: float | None) -> str:
 
 def _summary(report: dict[str, Any], rows: list[LinearQuantReport], worst: int = 5) -> str:
     w, o = report["weight_sqnr_db"], report["output_sqnr_db"]
-    excl = ", ".join(f"{e['node']} ({e['reason']})" for e in report["excluded"]) or "none"
-    method = report.get("weight_method", "rtn")
-    lines = [f"{report['scheme']} ({method}): {report['quantized']} linears quantized; excluded: {excl}"]
-    lines += [f"  note: {n}" for n in report.get("notes", [])]
+    schemes = ", ".join(f"{name} ×{n}" for name, n in report["schemes"].items()) or "none"
+    left = ", ".join(f"{e['node']} ({e['reason']})" for e in report["left_float"]) or "none"
+    lines = [f"{report['quantized']} linears quantized: {schemes}; left float: {left}"]
     if w:
         lines.append(f"  weight SQNR min {_fmt_db(w['min'])} dB, median {_fmt_db(w['median'])} dB")
     if o:
@@ -405,4 +634,16 @@ def _summary(report: dict[str, Any], rows: list[LinearQuantReport], worst: int =
                 f"            {r.node:<14} {r.role:<7} {layer:>5} {_fmt_db(r.weight_sqnr_db):>10} "
                 f"{_fmt_db(r.output_sqnr_db):>10}"
             )
+    for e in report["embedding"]:
+        tie = ", shares the lm_head's quantized table" if e["shared_with_lm_head"] else ""
+        lines.append(
+            f"  embedding {e['node']}: {e['scheme']}, weight SQNR {_fmt_db(e['weight_sqnr_db'])} dB{tie}"
+        )
+    kv = report["kv_cache"]
+    if kv:
+        med = kv["sqnr_db_median"]
+        lines.append(
+            f"  KV cache: {kv['entries'][0]['scheme']} static per channel on {len(kv['entries'])} entries; "
+            f"SQNR median {_fmt_db(med['median'] if med else None)} dB (calibration samples)"
+        )
     return "\n".join(lines)

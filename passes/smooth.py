@@ -1,11 +1,19 @@
 """``smooth``: SmoothQuant (fixed α), SmoothQuant+ (α searched per group) and QQQ's adaptive
-smoothing (a clipping threshold searched per group) through the equivalence engine. Groups come from the structural analysis; folding is the engine's; the calibration
-statistics of every smoothed input are rescaled in step (exactly: x → x/s), so later passes (the
-static activation quantizer, outlier reports) see the smoothed model.
+smoothing (a clipping threshold searched per group) through the equivalence engine. Groups come
+from the structural analysis; folding is the engine's; the calibration statistics of every smoothed
+input are rescaled in step (exactly: x → x/s), so later passes (the static activation quantizer,
+outlier reports) see the smoothed model.
+
+The search scores each group under the quantizers its sink linears will get: the specs the
+``annotate`` pass wrote on them (``node.meta["qcompile"]["qspec"]``; RTN weights without clip search
+stand in for the weight method), so ``search = true`` requires the annotations. A sink left float adds
+no error; the pass options ``weight_bits`` / ``group_size`` / ``act_bits`` / ``act_mode`` override
+the annotated values for the search only.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +29,7 @@ from qcompile.quant.smoothing import (
     GROUP_KINDS,
     GroupChoice,
     SearchObjective,
+    SinkQuantizers,
     SmoothingGroup,
     activation_absmax,
     find_groups,
@@ -29,6 +38,7 @@ from qcompile.quant.smoothing import (
     smoothing_scales,
     weight_absmax,
 )
+from qcompile.quant.spec import LinearQuantSpec
 
 DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, …, 1 (docs/methods.md, SmoothQuant+)
 # QQQ thresholds as fractions of the group's largest channel range: linear steps near 1, then
@@ -56,7 +66,7 @@ class SmoothPass(Pass):
         alpha_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
         threshold_grid: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLD_GRID))
         groups: list[str] = field(default_factory=lambda: list(GROUP_KINDS))  # qkv gate_up norm down vo
-        # Quantizers the search optimises for; None = those of the recipe's `quantize` pass.
+        # Quantizers the search optimises for; None = those annotated on each sink linear.
         weight_bits: int | None = None
         group_size: int | None = None
         act_bits: int | None = None
@@ -64,6 +74,10 @@ class SmoothPass(Pass):
         # SmoothRot: score α after the online Hadamard the rotate pass puts on the sink input (R4).
         objective_rotation: Literal["none", "hadamard"] = "none"
         tolerance: float | None = None
+
+    def required_facts(self) -> tuple:
+        # the search scores each group under the quantizers annotated on its sinks
+        return self.requires + ((facts.SPECS_ANNOTATED,) if self.options.search else ())
 
     def run(self, qgraph: QGraph, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -85,7 +99,7 @@ class SmoothPass(Pass):
                 self.name, "no calibration statistics in the context; run the calibrate pass first"
             )
         stats = dict(stats)
-        objective = self._objective(ctx) if opts.search else None
+        objective = self._objective(qgraph, st) if opts.search else None
         groups, skipped = find_groups(st, opts.groups)
         choices: list[GroupChoice] = []
         refused: list[dict[str, str]] = []
@@ -108,22 +122,25 @@ class SmoothPass(Pass):
             qgraph, changed=any(c.alpha is not None for c in choices), report=report, summary=_summary(report)
         )
 
-    def _objective(self, ctx: PassContext) -> SearchObjective:
-        """The quantizers of the recipe's quantize pass, overridden by this pass's options."""
-        q_opts = None
-        for p in ctx.state.get(keys.STATE_PIPELINE_PASSES, []):
-            if p.name == "quantize":
-                q_opts = p.options
-        w_default = q_opts.weight_spec() if q_opts is not None else WeightQuantSpec()
-        a_default = q_opts.act_spec() if q_opts is not None else ActQuantSpec(mode="none")
+    def _objective(self, qgraph: QGraph, st: Structure) -> SearchObjective:
+        """Each annotated linear's quantizers (RTN weights, its activation scheme), with this pass's
+        options overriding the annotated values."""
         o = self.options
-        w = WeightQuantSpec(
-            o.weight_bits or w_default.bits,
-            w_default.symmetric,
-            w_default.group_size if o.group_size is None else o.group_size,
-        )
-        a = ActQuantSpec(o.act_bits or a_default.bits, o.act_mode or a_default.mode, a_default.symmetric)
-        return SearchObjective(w, a, o.objective_rotation)
+        sinks = {}
+        for node in qgraph.graph.nodes:
+            spec = node.meta.get(keys.NAMESPACE, {}).get(keys.QSPEC)
+            if node.name not in st.linears or not isinstance(spec, LinearQuantSpec):
+                continue
+            w, a = spec.weight, spec.act
+            sinks[node.name] = SinkQuantizers(
+                WeightQuantSpec(
+                    o.weight_bits or w.bits,
+                    w.symmetric,
+                    w.group_size if o.group_size is None else o.group_size,
+                ),
+                ActQuantSpec(o.act_bits or a.bits, o.act_mode or a.mode, a.symmetric),
+            )
+        return SearchObjective(sinks, o.objective_rotation)
 
     def _smooth_group(
         self,
@@ -189,12 +206,7 @@ def _report(
         "mode": _mode(objective, rule),
         # what a group's "alpha" holds: SmoothQuant's α, or QQQ's threshold as a fraction of max|X|
         "parameter": "t / max|X|" if rule == "qqq" else "alpha",
-        "objective": (
-            {"weight": objective.weight_spec.short(), "activation": objective.act_spec.short()}
-            | ({"rotation": objective.rotation} if objective.rotation != "none" else {})
-            if objective
-            else None
-        ),
+        "objective": _objective_report(objective) if objective else None,
         "groups_smoothed": len(smoothed),
         "groups_left_alone": len(choices) - len(smoothed),
         "skipped": [asdict(s) for s in skipped],
@@ -205,6 +217,18 @@ def _report(
             for c in choices
         ],
     }
+
+
+def _objective_report(objective: SearchObjective) -> dict[str, Any]:
+    """The quantizers the search scored under: one weight / activation pair when every sink shares it,
+    else the count of sinks per scheme."""
+    schemes = Counter(q.short() for q in objective.sinks.values())
+    if len(schemes) == 1:
+        q = next(iter(objective.sinks.values()))
+        out: dict[str, Any] = {"weight": q.weight.short(), "activation": q.act.short()}
+    else:
+        out = {"schemes": dict(schemes)}
+    return out | ({"rotation": objective.rotation} if objective.rotation != "none" else {})
 
 
 def _summary(report: dict[str, Any]) -> str:

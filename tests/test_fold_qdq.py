@@ -10,11 +10,12 @@ from qcompile import ops
 from qcompile.ir import QGraph, keys
 from qcompile.ops import QEMBEDDING, QLINEAR_W, QLINEAR_WA
 from qcompile.passes.analyze import AnalyzePass
+from qcompile.passes.annotate import AnnotatePass
 from qcompile.passes.calibrate import CalibratePass
 from qcompile.passes.fold_qdq import FoldQDQPass, remove_redundant_requantize
 from qcompile.passes.quantize import QuantizePass
-from qcompile.passes.quantize_head import HeadQuantOptions, quantize_head
 from qcompile.pipeline.contract import PassContext, get_pass_class
+from qcompile.pipeline.recipe import load_recipe
 from qcompile.quant.packing import (
     pack_int4_weight,
     pack_int4_zero_point,
@@ -50,8 +51,17 @@ def _quantized(tiny, options: dict, calibrate: bool = False) -> QGraph:
     ctx = PassContext(calibration=[(ids,)], show_progress=False)
     if calibrate:
         CalibratePass({"sample_rows": 32})(qg, ctx)
-    QuantizePass(options)(qg, ctx)
+    AnnotatePass(options)(qg, ctx)
+    QuantizePass()(qg, ctx)
     return qg
+
+
+def _quantized_with_head(tiny, scheme: dict, **head) -> tuple[QGraph, dict]:
+    """``scheme`` on the linears plus lm_head / embedding annotations (``Recipe.with_quantization``)."""
+    passes = ["analyze", {"name": "annotate", **scheme}, "quantize"]
+    recipe = load_recipe({"recipe": {"name": "t"}, "passes": passes}).with_quantization(**head)
+    qm = qcompile.quantize(tiny[0], recipe, example_inputs=(tiny[1],), progress=False)
+    return qm.qgraph, qm.report("quantize")
 
 
 def _fold(qg: QGraph):
@@ -193,8 +203,9 @@ def test_folded_graph_reexports(tiny):
 
 
 def test_tied_head_and_embedding_share_one_packed_table(tiny):
-    qg = _quantized(tiny, SCHEMES["w4a16"])
-    report = quantize_head(qg, HeadQuantOptions(lm_head_bits=4, embedding_bits=4, group_size=16))
+    qg, report = _quantized_with_head(
+        tiny, SCHEMES["w4a16"], lm_head_bits=4, embedding_bits=4, head_group_size=16
+    )
     assert report["embedding"][0]["shared_with_lm_head"]
     folded, result = _fold(qg)
     ids = tiny[1]
@@ -212,8 +223,7 @@ def test_tied_head_and_embedding_share_one_packed_table(tiny):
 
 
 def test_int8_embedding_alone_folds_exactly(tiny):
-    qg = _quantized(tiny, SCHEMES["w4a16"])
-    report = quantize_head(qg, HeadQuantOptions(lm_head_bits=None, embedding_bits=8, group_size=0))
+    qg, report = _quantized_with_head(tiny, SCHEMES["w4a16"], embedding_bits=8, head_group_size=0)
     assert not report["embedding"][0]["shared_with_lm_head"]
     folded, _ = _fold(qg)
     ids = tiny[1]
@@ -223,8 +233,7 @@ def test_int8_embedding_alone_folds_exactly(tiny):
 
 
 def test_tied_int8_head_is_blocked_and_shared(tiny):
-    qg = _quantized(tiny, SCHEMES["w4a16"])
-    quantize_head(qg, HeadQuantOptions(lm_head_bits=8, embedding_bits=8, group_size=16))
+    qg, _ = _quantized_with_head(tiny, SCHEMES["w4a16"], lm_head_bits=8, embedding_bits=8, head_group_size=16)
     folded, result = _fold(qg)
     assert torch.equal(folded(tiny[1]).logits, qg(tiny[1]).logits)
     emb = next(n for n in folded.graph.nodes if n.target is QEMBEDDING)

@@ -191,7 +191,8 @@ def test_bad_inputs_raise(xtx: torch.Tensor, n_tokens: int, match: str) -> None:
 
 def test_recipe_validates() -> None:
     recipe = load_recipe("w4a16-gptq")
-    assert recipe.pass_names() == ["analyze", "calibrate", "quantize"]
-    calibrate, quantize = (p.options for p in recipe.build_passes()[1:])
-    assert calibrate.hessian and quantize.weight_method == "gptq" and quantize.gptq_act_order
-    assert quantize.weight_spec().short() == "w4g128a+clip" and quantize.act_mode == "none"
+    assert recipe.pass_names() == ["analyze", "annotate", "calibrate", "quantize"]
+    annotate, calibrate = (p.options for p in recipe.build_passes()[1:3])
+    spec = annotate.spec()
+    assert calibrate.hessian and spec.method == "gptq" and spec.gptq.act_order
+    assert spec.describe() == "w4g128a+clip-a16 gptq"

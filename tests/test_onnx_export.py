@@ -28,14 +28,15 @@ from qcompile.backends.onnx import (
     run_flat,
     set_accuracy_level,
 )
-from qcompile.passes.quantize_head import HeadQuantOptions
+from qcompile.pipeline.recipe import load_recipe
 from qcompile.tools.export import export_decoder
 
 W4A16_G32 = {
     "recipe": {"name": "w4a16-g32", "description": "tiny-model W4A16: 48 = 32 + a ragged 16"},
     "passes": [
         {"name": "analyze"},
-        {"name": "quantize", "weight_bits": 4, "group_size": 32, "act_mode": "none"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 32, "act_mode": "none"},
+        {"name": "quantize"},
     ],
 }
 
@@ -47,14 +48,10 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def w4a16_export(tiny_model, tiny_decoder, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "tiny_w4a16.onnx"
-    head = HeadQuantOptions(lm_head_bits=4, embedding_bits=4, group_size=16)  # tied: one packed table
+    # lm_head and the tied embedding at int4 g16 on one grid: one packed table
+    recipe = load_recipe(W4A16_G32).with_quantization(lm_head_bits=4, embedding_bits=4, head_group_size=16)
     exp = export_decoder(
-        tiny_model,
-        path,
-        recipe=W4A16_G32,
-        qgraph=tiny_decoder,
-        options=ExportOptions(accuracy_level=1),
-        head=head,
+        tiny_model, path, recipe=recipe, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1)
     )
     return exp, path
 
@@ -116,8 +113,9 @@ def test_w4a16_file_layout_and_report(w4a16_export):
     gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     assert list(inits[gather.input[0]].dims) == [256, 3, 8]
     assert any(n.input[1] == gather.input[0] for n in nbits)
-    head = report.passes["quantize_head"]
-    assert head["embedding"][0]["shared_with_lm_head"] and head["lm_head"][0]["scheme"] == "w4g16s-a16"
+    quantized = exp.pipeline.result("quantize").report
+    assert quantized["embedding"][0]["shared_with_lm_head"]
+    assert [r["scheme"] for r in quantized["linears"] if r["role"] == "lm_head"] == ["w4g16s-a16"]
 
 
 def test_ort_optimized_graph_keeps_matmulnbits(w4a16_export, tmp_path):
@@ -177,11 +175,19 @@ def test_w8a8_prefill_export_uses_integer_gemm(tiny_model, tmp_path):
 
 W4A8 = {
     "recipe": {"name": "w4a8"},
-    "passes": [{"name": "analyze"}, {"name": "quantize", "weight_bits": 4, "group_size": 16}],
+    "passes": [
+        {"name": "analyze"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16},
+        {"name": "quantize"},
+    ],
 }
 W4A4 = {
     "recipe": {"name": "w4a4"},
-    "passes": [{"name": "analyze"}, {"name": "quantize", "weight_bits": 4, "group_size": 16, "act_bits": 4}],
+    "passes": [
+        {"name": "analyze"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_bits": 4},
+        {"name": "quantize"},
+    ],
 }
 
 
@@ -246,13 +252,14 @@ def test_int8_blocked_weights_and_head_export(tiny_model, tiny_decoder, tmp_path
         "recipe": {"name": "w8a16-g16"},
         "passes": [
             {"name": "analyze"},
-            {"name": "quantize", "weight_bits": 8, "group_size": 16, "act_mode": "none"},
+            {"name": "annotate", "weight_bits": 8, "group_size": 16, "act_mode": "none"},
+            {"name": "quantize"},
         ],
     }
     path = tmp_path / "w8.onnx"
-    head = HeadQuantOptions(lm_head_bits=8, embedding_bits=8, group_size=16)
+    recipe = load_recipe(w8).with_quantization(lm_head_bits=8, embedding_bits=8, head_group_size=16)
     exp = export_decoder(
-        tiny_model, path, recipe=w8, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1), head=head
+        tiny_model, path, recipe=recipe, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1)
     )
     assert exp.report.kernels() == {"MatMulNBits": 15, "GatherBlockQuantized": 1}
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -265,15 +272,16 @@ W4A16_ASYM_CLIP = {
     "recipe": {"name": "w4a16-asym-clip", "description": "asymmetric int4 g16 RTN with clip search"},
     "passes": [
         {"name": "analyze"},
-        {"name": "calibrate"},
         {
-            "name": "quantize",
+            "name": "annotate",
             "weight_bits": 4,
             "weight_symmetric": False,
             "group_size": 16,
             "clip_search": True,
             "act_mode": "none",
         },
+        {"name": "calibrate"},
+        {"name": "quantize"},
     ],
 }
 
@@ -315,10 +323,9 @@ def test_quantized_activations_are_not_requantized_in_kernel(tiny_model, tiny_de
     exp = export_decoder(
         tiny_model,
         path,
-        recipe="w4a4-rtn",
+        recipe=load_recipe("w4a4-rtn").with_quantization(lm_head_bits=8, head_group_size=16),
         qgraph=tiny_decoder,
         options=ExportOptions(accuracy_level=4),
-        head=HeadQuantOptions(lm_head_bits=8, embedding_bits=None, group_size=16),
     )
     assert not exp.report.verification["enforced"]  # quantized activations: reported, not enforced
 

@@ -1,4 +1,5 @@
-"""The int8 KV cache through the ONNX backend: ``quantize_kv``'s quantize → dequantize pairs lowered to
+"""The int8 KV cache through the ONNX backend: the quantize → dequantize pairs ``quantize`` puts on the
+annotated cache entries (``annotate(kv_cache_bits = 8)``) lowered to
 ``qcompile::gqa_attention_int8kv`` and to ORT's ``GroupQueryAttention`` over an int8 cache.
 
 Tolerances (tiny Llama, head_dim 16 so RoPE also moves into GroupQueryAttention; MatMulNBits at
@@ -31,8 +32,8 @@ KV8_W4 = {
     "recipe": {"name": "w4-kv8", "description": "W4A16 g16 RTN with an int8 KV cache"},
     "passes": [
         {"name": "analyze"},
-        {"name": "quantize", "weight_bits": 4, "group_size": 16, "act_mode": "none"},
-        {"name": "quantize_kv"},
+        {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_mode": "none", "kv_cache_bits": 8},
+        {"name": "quantize"},
     ],
 }
 
@@ -199,7 +200,7 @@ def _close(ort_logits: np.ndarray, ref: torch.Tensor) -> None:
     assert np.abs(ort_logits - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_cli_kv_cache_bits_appends_quantize_kv(tmp_path):
+def test_cli_kv_cache_bits_annotates_an_int8_cache(tmp_path):
     from qcompile.tools.cli import main
 
     out = tmp_path / "cli_kv8.onnx"

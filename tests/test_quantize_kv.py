@@ -1,5 +1,6 @@
 """The int8 KV cache on the torch side: where the analysis finds the cache entries, what calibration
-records there, and what ``quantize_kv`` computes and reports.
+records there, and what the quantize pass computes and reports for KV-cache annotations
+(``annotate`` with ``kv_cache_bits = 8``).
 
 Tolerances: the quantized entries must sit exactly on their grid (``dequantize(quantize(x))`` with the
 calibrated per-channel scale, compared bit for bit); the whole tiny model's logits move by a small but
@@ -17,7 +18,8 @@ from qcompile import ops
 from qcompile.backends.onnx import capture_decoder
 from qcompile.ir import keys
 from qcompile.passes.analyze import AnalyzePass
-from qcompile.passes.quantize_kv import QuantizeKVPass
+from qcompile.passes.annotate import AnnotatePass
+from qcompile.passes.quantize import QuantizePass
 from qcompile.pipeline.contract import PassContext, PassError
 from qcompile.quant.calibration import calibrate
 from qcompile.quant.rtn import dequantize_ref, quantize_ref
@@ -28,7 +30,11 @@ CALIBRATION = [
 ]
 KV_RECIPE = {
     "recipe": {"name": "kv8", "description": "an int8 KV cache and nothing else"},
-    "passes": [{"name": "analyze"}, {"name": "quantize_kv"}],
+    "passes": [
+        {"name": "analyze"},
+        {"name": "annotate", "include_roles": [], "kv_cache_bits": 8},
+        {"name": "quantize"},
+    ],
 }
 
 
@@ -96,7 +102,7 @@ def test_calibration_records_the_cache_entries_per_channel(prefill):
         torch.testing.assert_close(kv.channel_absmax, want[name], rtol=0, atol=0)
 
 
-def test_quantize_kv_puts_every_cache_entry_on_its_int8_grid(prefill):
+def test_kv_annotations_put_every_cache_entry_on_its_int8_grid(prefill):
     qgraph, ids = prefill
     qm = qcompile.quantize(qgraph, KV_RECIPE, calibration=CALIBRATION, progress=False)
     graph = qm.qgraph
@@ -120,32 +126,42 @@ def test_quantize_kv_puts_every_cache_entry_on_its_int8_grid(prefill):
         ref, got = qgraph(ids).logits, graph(ids).logits
     rel = float((got - ref).norm() / ref.norm())
     assert 0 < rel < 2e-2, rel
-    report = qm.report("quantize_kv")
-    assert report["layers"] == NUM_LAYERS and len(report["entries"]) == NUM_LAYERS
-    for row in report["entries"]:
-        assert row["key_sqnr_db"] > 35 and row["value_sqnr_db"] > 35  # int8: ~6 dB a bit
-    assert "int8 per-channel static KV cache in 2 attention blocks" in qm.summary()
+    report = qm.report("quantize")
+    assert report["quantized"] == 0 and report["kv_cache"] is not None
+    entries = report["kv_cache"]["entries"]
+    assert sorted((r["layer"], r["entry"]) for r in entries) == [
+        (layer, e) for layer in range(NUM_LAYERS) for e in ("key", "value")
+    ]
+    for row in entries:
+        assert row["scheme"] == "kv8c" and row["sqnr_db"] > 35  # int8: ~6 dB a bit
+    assert f"kv8c static per channel on {2 * NUM_LAYERS} entries" in qm.summary()
 
 
-def test_quantize_kv_without_calibration_refuses_and_changes_nothing(prefill):
+def test_kv_annotations_without_calibration_refuse_and_change_nothing(prefill):
     graph = _analyzed(prefill[0])
+    ctx = PassContext(show_progress=False)
+    AnnotatePass({"include_roles": [], "kv_cache_bits": 8})(graph, ctx)
     before = graph.print_readable()
-    with pytest.raises(PassError, match="quantize_kv: no calibration data; .*calibration="):
-        QuantizeKVPass()(graph, PassContext(show_progress=False))
+    with pytest.raises(
+        PassError, match="quantize at node `.*`: key cache entry annotated kv8c static: .* calibration="
+    ) as exc:
+        QuantizePass()(graph, ctx)
+    assert exc.value.node == graph.info["structure"].attentions[0].key_source
     assert graph.print_readable() == before
 
 
 def test_ranges_are_those_of_the_graph_the_pass_sees(prefill):
-    """SmoothQuant+'s v → o smoothing divides the value channels before quantize_kv runs: the scales
+    """SmoothQuant+'s v → o smoothing divides the value channels before quantize runs: the scales
     must come from the smoothed values, so on the calibration data every channel reaches the end of
     its int8 grid (with ranges observed before smoothing, a channel divided by s would use ~127/s)."""
     recipe = {
         "recipe": {"name": "smooth-kv8", "description": "SmoothQuant+ (v → o included), int8 cache"},
         "passes": [
             {"name": "analyze"},
+            {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_mode": "none", "kv_cache_bits": 8},
             {"name": "calibrate"},
             {"name": "smooth", "search": True},
-            {"name": "quantize_kv"},
+            {"name": "quantize"},
         ],
     }
     qm = qcompile.quantize(prefill[0], recipe, calibration=CALIBRATION, progress=False)
@@ -167,8 +183,8 @@ def test_ranges_are_those_of_the_graph_the_pass_sees(prefill):
 
 
 def test_only_an_8_bit_cache_is_offered():
-    with pytest.raises(PassError, match="only an 8-bit cache"):
-        QuantizeKVPass({"bits": 4})
+    with pytest.raises(PassError, match="annotate: .*a 4-bit KV cache is not supported; only an 8-bit cache"):
+        AnnotatePass({"kv_cache_bits": 4})
 
 
 def test_the_decode_step_is_quantized_the_same_way(tiny_model):

@@ -1,4 +1,5 @@
-"""The quantize pass on tiny Llama (and, marked real, SmolLM2): graph surgery, numbers, export."""
+"""The quantize pass (the convert step) on tiny Llama (and, marked real, SmolLM2): it realises the
+annotate pass's specs — graph surgery, numbers, export, refusals before any rewrite."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import qcompile
 from qcompile import ops
 from qcompile.ir import keys
 from qcompile.passes.analyze import AnalyzePass
+from qcompile.passes.annotate import AnnotatePass
 from qcompile.passes.calibrate import CalibratePass
 from qcompile.passes.quantize import QuantizePass
 from qcompile.pipeline.contract import PassContext, PassError, get_pass_class
@@ -30,13 +32,19 @@ def tiny():
     return qg, ids, qg(ids).logits
 
 
+def _convert(qg, options: dict, ctx: PassContext):
+    """annotate(options) then quantize: the two steps a recipe runs."""
+    AnnotatePass(options)(qg, ctx)
+    return QuantizePass()(qg, ctx)
+
+
 def _quantize(tiny, options: dict, calibrate: bool = False):
     qg, ids, ref = tiny
     qg = qg.copy()
     ctx = PassContext(calibration=[(ids,)], show_progress=False)
     if calibrate:
         CalibratePass({"sample_rows": 64})(qg, ctx)
-    result = QuantizePass(options)(qg, ctx)
+    result = _convert(qg, options, ctx)
     return qg, result, float((qg(ids).logits - ref).norm() / ref.norm())
 
 
@@ -46,9 +54,8 @@ def test_w8a8_rewrites_every_linear_but_lm_head(tiny):
     qg, result, rel = _quantize(tiny, W8A8)
     assert rel < 0.015  # measured 0.0045 (seeds 0-2: 0.0045-0.0064)
     assert result.changed and result.report["quantized"] == len(st.linears) - 1
-    assert result.report["excluded"] == [
-        {"node": st.lm_head, "role": "lm_head", "reason": "role lm_head in exclude_roles"}
-    ]
+    assert result.report["schemes"] == {"w8cs-a8ts rtn": len(st.linears) - 1}
+    assert result.report["left_float"] == [{"node": st.lm_head, "role": "lm_head", "reason": "not annotated"}]
     nodes = {n.name: n for n in qg.graph.nodes}
     for site in st.linears.values():
         linear = nodes[site.node]
@@ -97,15 +104,15 @@ def test_error_grows_as_bits_shrink(tiny):
 def test_weight_only_inserts_no_activation_ops(tiny):
     qg, result, rel = _quantize(tiny, {"weight_bits": 4, "group_size": 32, "act_mode": "none"})
     assert not any(n.target in (ops.QUANTIZE, ops.CHOOSE_QPARAMS_PER_TOKEN) for n in qg.graph.nodes)
-    assert result.report["scheme"] == "w4g32s-a16" and rel < 0.12  # measured 0.072
+    assert list(result.report["schemes"]) == ["w4g32s-a16 rtn"] and rel < 0.12  # measured 0.072
 
 
 def test_running_twice_leaves_quantized_linears_alone(tiny):
     qg, _, _ = _quantize(tiny, W8A8)
-    again = QuantizePass(W8A8)(qg, PassContext())
+    again = QuantizePass()(qg, PassContext())
     assert not again.changed and again.report["quantized"] == 0
     assert (
-        sum("already quantized" in e["reason"] for e in again.report["excluded"])
+        sum("already quantized" in e["reason"] for e in again.report["left_float"])
         == len(qg.info["structure"].linears) - 1
     )
 
@@ -114,18 +121,20 @@ def test_include_roles_selects_linears(tiny):
     qg, result, _ = _quantize(tiny, {"include_roles": ["down"]})
     st = qg.info["structure"]
     assert result.report["quantized"] == st.num_layers
-    reasons = {e["role"]: e["reason"] for e in result.report["excluded"]}
-    assert (
-        reasons["q"] == "role q not in include_roles"
-        and reasons["lm_head"] == "role lm_head in exclude_roles"
-    )
+    assert {r["role"] for r in result.report["linears"]} == {"down"}
+    assert {e["role"] for e in result.report["left_float"]} == {"q", "k", "v", "o", "gate", "up", "lm_head"}
 
 
-def test_static_per_tensor_needs_calibration(tiny):
+def test_static_per_tensor_needs_calibration_and_says_which_node(tiny):
+    qg = tiny[0].copy()
     with pytest.raises(
-        PassError, match="quantize: requires calibration statistics .* run calibrate before it"
-    ):
-        _quantize(tiny, {"act_mode": "static_per_tensor"})
+        PassError, match="static activations .* no calibration statistics; run the calibrate"
+    ) as exc:
+        _convert(qg, {"act_mode": "static_per_tensor"}, PassContext())
+    first = next(iter(qg.info["structure"].linears))
+    assert exc.value.pass_name == "quantize" and exc.value.node == first
+    assert "w8cs-a8ps rtn" in str(exc.value)
+    assert not any(n.target is ops.DEQUANTIZE for n in qg.graph.nodes)  # refused before any rewrite
 
 
 def test_static_per_tensor_with_calibration_reports_output_sqnr(tiny):
@@ -148,7 +157,7 @@ def test_stale_calibration_is_refused(tiny):
     stale = SimpleNamespace(samples=torch.randn(4, 7), xtx=None, tensor_absmax=1.0)
     ctx = PassContext(state={"calibration": {first: stale}})
     with pytest.raises(PassError, match="re-run the calibrate pass") as exc:
-        QuantizePass()(qg, ctx)
+        _convert(qg, W8A8, ctx)
     assert exc.value.node == first
 
 
@@ -161,7 +170,7 @@ def test_clip_search_with_calibration_beats_rtn_on_its_samples(tiny):
     for a, b in zip(rtn.report["linears"], clip.report["linears"], strict=True):
         assert b["output_sqnr_db"] >= a["output_sqnr_db"] - 1e-9
         assert b["mean_clip_ratio"] <= 1.0
-    assert clip.report["scheme"] == "w4cs+clip-a16"
+    assert list(clip.report["schemes"]) == ["w4cs+clip-a16 rtn"]
 
 
 def test_quantized_graph_reexports(tiny):
@@ -173,12 +182,15 @@ def test_quantized_graph_reexports(tiny):
     torch.testing.assert_close(ep.module()(ids)[0], qg.run_flat([ids])[0], rtol=0, atol=0)
 
 
-def test_options_are_validated_and_registered():
+def test_quantize_has_no_scheme_of_its_own():
     assert get_pass_class("quantize") is QuantizePass
-    with pytest.raises(PassError, match="act_mode"):
-        QuantizePass({"act_mode": "per_channel"})
-    with pytest.raises(PassError, match="bits"):
-        QuantizePass({"weight_bits": 16})
+    with pytest.raises(PassError, match="quantize: unknown option\\(s\\) weight_bits"):
+        QuantizePass({"weight_bits": 4})
+
+
+def test_quantize_requires_annotations(tiny):
+    with pytest.raises(PassError, match="requires quantization specs annotated .* run annotate before it"):
+        QuantizePass()(tiny[0].copy(), PassContext())
 
 
 def _rtn_w4_by_slices(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -202,7 +214,7 @@ def test_smollm2_w4_g128_matches_eager_rtn(smollm2, smollm2_qgraph):
     qg, ids = smollm2_qgraph
     qg = qg.copy()
     AnalyzePass()(qg, PassContext())
-    result = QuantizePass({"weight_bits": 4, "group_size": 128, "act_mode": "none"})(qg, PassContext())
+    result = _convert(qg, {"weight_bits": 4, "group_size": 128, "act_mode": "none"}, PassContext())
     assert result.report["quantized"] == 7 * 30
     scales = [qg.get_constant(n.args[1]) for n in qg.graph.nodes if n.target is ops.DEQUANTIZE]
     assert {tuple(s.shape[1:]) for s in scales} == {(5,), (12,)}  # 576 = 4·128 + 64; 1536 = 12·128
@@ -234,12 +246,12 @@ def test_gptq_logits_closer_to_float_than_rtn(tiny):
     for method in ("rtn", "gptq"):
         qg = tiny[0].copy()
         ctx = _calibrated_ctx(tiny, qg)
-        result = QuantizePass({**W4_GPTQ, "weight_method": method})(qg, ctx)
+        result = _convert(qg, {**W4_GPTQ, "weight_method": method}, ctx)
         errors[method] = float((qg(ids).logits - ref).norm() / ref.norm())
         reports[method] = result.report
     assert errors["gptq"] < 0.8 * errors["rtn"], errors  # measured 0.028 vs 0.072
     gptq = reports["gptq"]
-    assert gptq["weight_method"] == "gptq" and gptq["scheme"] == "w4g32s-a16"
+    assert gptq["schemes"] == {"w4g32s-a16 gptq": gptq["quantized"]}
     assert all(r["method"] == "gptq" for r in gptq["linears"])
     assert gptq["output_sqnr_db"]["median"] > reports["rtn"]["output_sqnr_db"]["median"]
 
@@ -247,19 +259,22 @@ def test_gptq_logits_closer_to_float_than_rtn(tiny):
 def test_gptq_without_hessian_names_the_fix(tiny):
     qg = tiny[0].copy()
     ctx = _calibrated_ctx(tiny, qg, hessian=False)
-    with pytest.raises(PassError, match="set hessian = true on the calibrate pass") as exc:
-        QuantizePass(W4_GPTQ)(qg, ctx)
-    assert exc.value.pass_name == "quantize" and exc.value.node is not None
+    with pytest.raises(
+        PassError, match="GPTQ needs XᵀX .* no Hessian XᵀX; set hessian = true on the calibrate"
+    ) as exc:
+        _convert(qg, W4_GPTQ, ctx)
+    assert exc.value.pass_name == "quantize" and exc.value.node == next(iter(qg.info["structure"].linears))
+    assert "w4g32s-a16 gptq" in str(exc.value)
     assert not any(n.target is ops.DEQUANTIZE for n in qg.graph.nodes)  # refused before any rewrite
     with pytest.raises(PassError, match="no calibration statistics; set hessian = true"):
-        QuantizePass(W4_GPTQ)(tiny[0].copy(), PassContext())
+        _convert(tiny[0].copy(), W4_GPTQ, PassContext())
 
 
 def test_gptq_releases_hessians_of_quantized_linears_only(tiny):
     qg = tiny[0].copy()
     ctx = _calibrated_ctx(tiny, qg)
     before = dict(ctx.state["calibration"])
-    QuantizePass({**W4_GPTQ, "include_roles": ["q", "k", "v", "o"]})(qg, ctx)
+    _convert(qg, {**W4_GPTQ, "include_roles": ["q", "k", "v", "o"]}, ctx)
     st = qg.info["structure"]
     after = ctx.state["calibration"]
     nodes = {n.name: n for n in qg.graph.nodes}
@@ -269,18 +284,18 @@ def test_gptq_releases_hessians_of_quantized_linears_only(tiny):
         assert before[name].xtx is not None  # the shared stats objects were not mutated
         assert keys.get(nodes[site.node])[keys.ACT_STATS] is after[name]
     # a later pass quantizes the rest with the Hessians it still finds
-    rest = QuantizePass(W4_GPTQ)(qg, ctx)
+    rest = _convert(qg, W4_GPTQ, ctx)
     assert rest.report["quantized"] == 3 * st.num_layers
 
 
 def test_gptq_with_clip_search_says_so_in_the_scheme(tiny):
     qg = tiny[0].copy()
-    result = QuantizePass({**W4_GPTQ, "clip_search": True})(qg, _calibrated_ctx(tiny, qg))
-    assert result.report["scheme"] == "w4g32s+clip-a16" and result.report["weight_method"] == "gptq"
+    result = _convert(qg, {**W4_GPTQ, "clip_search": True}, _calibrated_ctx(tiny, qg))
+    assert list(result.report["schemes"]) == ["w4g32s+clip-a16 gptq"]
 
 
 def test_gptq_options_are_validated():
     with pytest.raises(PassError, match="weight_method"):
-        QuantizePass({"weight_method": "awq"})
+        AnnotatePass({"weight_method": "awq"})
     with pytest.raises(PassError, match="gptq_block_size"):
-        QuantizePass({"gptq_block_size": 0})
+        AnnotatePass({"gptq_block_size": 0})

@@ -217,9 +217,47 @@ def test_shipped_recipes_validate() -> None:
 
 def test_appended_recipe_is_validated_and_renamed() -> None:
     base = load_recipe("w4a16-rtn")
-    kv = base.appended("quantize_kv", {"bits": 8}, suffix="+kv8")
-    assert kv.name == "w4a16-rtn+kv8" and kv.pass_names() == [*base.pass_names(), "quantize_kv"]
-    assert kv.needs_calibration() and not base.needs_calibration()
+    more = base.appended("noop", suffix="+noop")
+    assert more.name == "w4a16-rtn+noop" and more.pass_names() == [*base.pass_names(), "noop"]
     assert base.pass_names()[-1] == "quantize"  # the original is untouched
-    with pytest.raises(RecipeError, match="bits"):
-        base.appended("quantize_kv", {"bits": 4})
+    with pytest.raises(RecipeError, match="unknown pass 'quantize_kv'"):
+        base.appended("quantize_kv", {"bits": 8})
+
+
+def test_shipped_quantizing_recipes_annotate_then_convert() -> None:
+    """analyze → annotate(scheme) → … → quantize: the scheme lives in annotate, quantize has none."""
+    for name in list_recipes():
+        names = load_recipe(name).pass_names()
+        if "quantize" not in names:
+            assert "annotate" not in names, name
+            continue
+        assert names[:2] == ["analyze", "annotate"] and names[-1] == "quantize", (name, names)
+        assert load_recipe(name).passes[-1].options == {}, name
+
+
+def test_with_quantization_adds_head_embedding_and_kv_to_the_annotations() -> None:
+    base = load_recipe("w4a16-rtn")
+    r = base.with_quantization(lm_head_bits=8, embedding_bits=8, head_group_size=32, kv_cache_bits=8)
+    assert r.name == "w4a16-rtn+lm_head8+emb8+kv8" and r.pass_names() == base.pass_names()
+    annotate = r.build_passes()[1].options
+    (head,) = annotate.overrides
+    assert head.roles == ["lm_head"] and head.weight_bits == 8 and head.group_size == 32
+    assert head.act_mode == "none" and head.weight_method == "rtn" and head.weight_symmetric
+    assert annotate.embedding_spec().scheme() == "w8g32s" and annotate.kv_cache_spec().scheme() == "kv8c"
+    # the scheme of the other linears is the recipe's
+    assert annotate.spec() == base.build_passes()[1].options.spec()
+    assert r.needs_calibration() and not base.needs_calibration()  # the KV ranges are observed on batches
+    assert base.build_passes()[1].options.overrides == []  # the original is untouched
+    only_kv = base.with_quantization(kv_cache_bits=8)
+    assert only_kv.name == "w4a16-rtn+kv8" and only_kv.build_passes()[1].options.embedding_bits is None
+    assert base.with_quantization(embedding_bits=4).build_passes()[1].options.embedding_group_size == 64
+
+
+def test_with_quantization_refusals_name_the_recipe_and_the_fix() -> None:
+    with pytest.raises(RecipeError, match="recipe 'fp' .* has no annotate pass.* add annotate after analyze"):
+        load_recipe("fp").with_quantization(kv_cache_bits=8)
+    with pytest.raises(RecipeError, match="a 4-bit KV cache is not supported"):
+        load_recipe("w4a16-rtn").with_quantization(kv_cache_bits=4)
+    annotate_only = load_recipe({"recipe": {"name": "a"}, "passes": ["analyze", "annotate"]})
+    with pytest.raises(RecipeError, match="no quantize pass after annotate"):
+        annotate_only.with_quantization(lm_head_bits=8)

@@ -135,6 +135,7 @@ def test_rotate_without_fuse_norms_is_refused_naming_the_norm(llama):
 
 
 def test_rotate_drops_stale_calibration_and_static_activations_need_a_new_one(llama):
+    from qcompile.passes.annotate import AnnotatePass
     from qcompile.passes.quantize import QuantizePass
     from qcompile.pipeline.contract import PassContext, PassError
     from qcompile.pipeline.manager import run_recipe
@@ -144,8 +145,11 @@ def test_rotate_drops_stale_calibration_and_static_activations_need_a_new_one(ll
     # q, k, v, gate, up, lm_head (R1), o (R2), down (R4) in both layers: every linear's input moved.
     assert len(result.result("rotate").report["calibration_dropped"]) == 15
     assert ctx.state["calibration"] == {}
-    with pytest.raises(PassError, match="quantize: requires calibration statistics"):
-        QuantizePass({"act_mode": "static_per_tensor"})(result.qgraph, ctx)
+    AnnotatePass({"act_mode": "static_per_tensor"})(result.qgraph, ctx)
+    with pytest.raises(
+        PassError, match="static activations .* calibration has no entry for it; run the calibrate"
+    ):
+        QuantizePass()(result.qgraph, ctx)
 
 
 def _planted_outliers() -> nn.Module:
@@ -173,12 +177,11 @@ def test_rotation_cuts_w4a4_error_on_planted_outliers():
     qg = qcompile.capture(model, (x,))
     with torch.no_grad():
         ref = model(x).logits
-    quant = {"name": "quantize", "weight_bits": 4, "group_size": 16, "act_bits": 4}
+    annotate = {"name": "annotate", "weight_bits": 4, "group_size": 16, "act_bits": 4}
     errors, sqnr = {}, {}
     for name, pre in (("rtn", []), ("quarot", ["fuse_norms", "rotate"])):
-        qm = qcompile.quantize(
-            qg, _recipe(["analyze", *pre, "calibrate", quant]), calibration=batches, progress=False
-        )
+        passes = ["analyze", annotate, *pre, "calibrate", "quantize"]
+        qm = qcompile.quantize(qg, _recipe(passes), calibration=batches, progress=False)
         errors[name] = float((qm(x).logits - ref).pow(2).mean() / ref.pow(2).mean())
         sqnr[name] = qm.report("quantize")["output_sqnr_db"]["median"]
     assert errors["rtn"] / errors["quarot"] > 1.5, errors

@@ -34,18 +34,17 @@ class PlantedOutliers(nn.Module):
 
 
 def _recipe(smooth: dict | None, act_mode: str, weight_bits: int = 8, group_size: int = 0) -> dict:
-    passes = [{"name": "analyze"}, {"name": "calibrate"}]
+    annotate = {
+        "name": "annotate",
+        "weight_bits": weight_bits,
+        "group_size": group_size,
+        "act_bits": 8,
+        "act_mode": act_mode,
+    }
+    passes = [{"name": "analyze"}, annotate, {"name": "calibrate"}]
     if smooth is not None:
         passes.append({"name": "smooth", **smooth})
-    passes.append(
-        {
-            "name": "quantize",
-            "weight_bits": weight_bits,
-            "group_size": group_size,
-            "act_bits": 8,
-            "act_mode": act_mode,
-        }
-    )
+    passes.append({"name": "quantize"})
     return {"recipe": {"name": "test"}, "passes": passes}
 
 
@@ -68,8 +67,13 @@ def test_planted_outliers_smoothing_cuts_w8a8_error(act_mode, min_gain):
     assert errs["rtn"] / errs["smooth"] > min_gain, errs
 
 
-def _run_smooth(model, batches, **smooth_opts):
-    recipe = {"recipe": {"name": "t"}, "passes": ["analyze", "calibrate", {"name": "smooth", **smooth_opts}]}
+def _run_smooth(model, batches, annotate: dict | None = None, **smooth_opts):
+    """analyze → (annotate) → calibrate → smooth, checked for equivalence."""
+    annotated = [{"name": "annotate", **annotate}] if annotate is not None else []
+    recipe = {
+        "recipe": {"name": "t"},
+        "passes": ["analyze", *annotated, "calibrate", {"name": "smooth", **smooth_opts}],
+    }
     check = EquivalenceCheck(default_tolerance=EQUIV_RTOL)
     qm = qcompile.quantize(model, recipe, calibration=batches, instruments=[check], progress=False)
     return qm, qm.report("smooth")
@@ -144,12 +148,9 @@ def test_qqq_rule_is_equivalent_and_never_worse_than_identity():
     qm, report = _run_smooth(
         model,
         batches,
+        annotate={"weight_bits": 4, "group_size": 32, "act_bits": 8, "act_mode": "dynamic_per_token"},
         rule="qqq",
         search=True,
-        weight_bits=4,
-        group_size=32,
-        act_bits=8,
-        act_mode="dynamic_per_token",
     )
     assert report["equivalence_check"]["passed"], report["equivalence_check"]
     assert report["mode"].startswith("threshold search (QQQ")
@@ -172,6 +173,37 @@ def test_qqq_rule_needs_search():
     batches = [(torch.randint(0, 256, (1, 8)),)]
     with pytest.raises(PassError, match="rule = 'qqq' searches its threshold"):
         _run_smooth(model, batches, rule="qqq")
+
+
+def test_search_scores_each_sink_under_its_own_annotation():
+    """down_proj annotated at 8 bits, the rest at 4: the down groups are searched under w8, the others
+    under w4 — and the pass's own options override the annotations for the search only."""
+    model = tiny_llama()
+    batches = [(torch.randint(0, 256, (1, 32)),) for _ in range(2)]
+    mixed = {
+        "weight_bits": 4,
+        "group_size": 32,
+        "act_mode": "none",
+        "overrides": [{"roles": ["down"], "weight_bits": 8}],
+    }
+    _, report = _run_smooth(model, batches, annotate=mixed, search=True)
+    layers = model.config.num_hidden_layers
+    assert report["objective"] == {"schemes": {"w4g32s-a16": 6 * layers, "w8g32s-a16": layers}}
+    down = [g for g in report["groups"] if g["kind"] == "down"]
+    _, only_down = _run_smooth(model, batches, annotate=mixed, search=True, groups=["down"], weight_bits=4)
+    assert only_down["objective"] == {"weight": "w4g32s", "activation": "a16"}
+    # the same groups scored under w4 instead of w8: the quantized error of doing nothing grows
+    assert all(
+        g4["error_before"] > g8["error_before"] for g4, g8 in zip(only_down["groups"], down, strict=True)
+    )
+
+
+def test_search_without_annotations_is_refused_when_the_recipe_loads():
+    from qcompile.pipeline.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="'smooth' requires quantization specs annotated .* run annotate"):
+        load_recipe({"passes": ["analyze", "calibrate", {"name": "smooth", "search": True}]})
+    load_recipe({"passes": ["analyze", "calibrate", {"name": "smooth", "alpha": 0.5}]})  # fixed α: no need
 
 
 def test_smooth_without_calibration_names_the_way_out():

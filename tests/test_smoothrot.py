@@ -14,12 +14,12 @@ from qcompile.quant.calibration import calibrate
 from qcompile.quant.hadamard import online_plan, plan_matrix
 from qcompile.quant.rtn import fake_quant_activation, quantize_weight
 from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec
-from qcompile.quant.smoothing import SearchObjective, find_groups
+from qcompile.quant.smoothing import SearchObjective, SinkQuantizers, find_groups
 from qcompile.tools.models import tiny_llama
 
 W4 = WeightQuantSpec(4, True, 32)
 A4 = ActQuantSpec(4, "dynamic_per_token", True)
-QUANT = {"name": "quantize", "weight_bits": 4, "group_size": 32, "act_bits": 4}
+ANNOTATE = {"name": "annotate", "weight_bits": 4, "group_size": 32, "act_bits": 4}
 SMOOTH_DOWN = {
     "name": "smooth",
     "groups": ["down"],
@@ -57,8 +57,8 @@ def test_hadamard_objective_scores_after_the_r4_hadamard_and_the_default_is_unch
     w = qg.get_constant(st.linears[sink].weight).double()
     s = torch.linspace(0.5, 3.0, 128, dtype=torch.float64)
     h = plan_matrix(online_plan(128))
-    plain = SearchObjective(W4, A4)
-    rotated = SearchObjective(W4, A4, rotation="hadamard")
+    plain = SearchObjective({sink: SinkQuantizers(W4, A4)})
+    rotated = SearchObjective({sink: SinkQuantizers(W4, A4)}, rotation="hadamard")
     assert plain.error(qg, st, group, stats, s) == _manual_error(x, w, s, None)
     assert rotated.error(qg, st, group, stats, s) == _manual_error(x, w, s, h)
     assert rotated.error(qg, st, group, stats, s) != plain.error(qg, st, group, stats, s)
@@ -81,8 +81,14 @@ def test_smoothrot_is_equivalent_before_quantization_and_never_worse_than_quarot
     qg = planted[1]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (2, 32), generator=g),) for _ in range(2)]
-    rotated = ["fuse_norms", "rotate", "calibrate", QUANT]
-    smoothrot = ["analyze", "calibrate", {**SMOOTH_DOWN, "objective_rotation": "hadamard"}, *rotated]
+    rotated = ["fuse_norms", "rotate", "calibrate", "quantize"]
+    smoothrot = [
+        "analyze",
+        ANNOTATE,
+        "calibrate",
+        {**SMOOTH_DOWN, "objective_rotation": "hadamard"},
+        *rotated,
+    ]
     check = EquivalenceCheck(default_tolerance=1e-5)
     qm_sr = qcompile.quantize(
         qg, _recipe(smoothrot), calibration=batches, instruments=[check], progress=False
@@ -97,7 +103,9 @@ def test_smoothrot_is_equivalent_before_quantization_and_never_worse_than_quarot
     st = qm_sr.qgraph.info["structure"]
     assert all(_behind_activation_qdq(qm_sr.qgraph.node(m.down).args[0]).target is HADAMARD for m in st.mlps)
 
-    qm_qr = qcompile.quantize(qg, _recipe(["analyze", *rotated]), calibration=batches, progress=False)
+    qm_qr = qcompile.quantize(
+        qg, _recipe(["analyze", ANNOTATE, *rotated]), calibration=batches, progress=False
+    )
 
     def down_sqnr(qm):
         return {

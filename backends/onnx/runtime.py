@@ -146,7 +146,7 @@ class OrtDecoder:
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.num_layers = len(past) // 2
         self.num_kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
-        # the cache's element type: float32, float16, or int8 (quantize_kv: per-channel int8 cache)
+        # the cache's element type: float32, float16, or int8 (an annotated int8 KV cache, per channel)
         self.dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past[0].type, np.float32)
         self.shared_buffer = PAST_LENGTH_INPUT in self.names
 

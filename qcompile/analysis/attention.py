@@ -52,7 +52,7 @@ class AttentionCore:
     num_heads: int
     kv_heads: int
     internal: frozenset[fx.Node]
-    # int8 cache (quantize_kv): the per-channel scale constants [1, KV, 1, D]; new_key / new_value
+    # int8 cache (kv_cache_bits annotations): the per-channel scale constants [1, KV, 1, D]; new_key / new_value
     # are then the float tensors *before* their quantize → dequantize
     key_scale: fx.Node | None = None
     value_scale: fx.Node | None = None
@@ -217,7 +217,7 @@ def _cache_quantizer(
     node: fx.Node, constant: Callable[[fx.Node], Tensor] | None
 ) -> tuple[fx.Node, fx.Node | None]:
     """``(x, scale)`` when ``node`` is ``dequantize(quantize(x, s, 0, -128, 127), s, 0)`` with constant
-    per-channel ``s`` ``[1, KV, 1, D]`` — the int8 cache entry ``quantize_kv`` writes and
+    per-channel ``s`` ``[1, KV, 1, D]`` — the int8 cache entry the quantize pass writes and
     GroupQueryAttention stores; ``(node, None)`` when it is not quantized at all."""
     if not patterns.is_op(node, {ops.DEQUANTIZE}):
         return node, None

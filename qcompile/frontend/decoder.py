@@ -27,7 +27,7 @@ from qcompile.ir import QGraph, keys
 @dataclass(frozen=True)
 class CacheLayout:
     """Shape facts of the KV cache: per layer a key and a value ``[batch, kv_heads, past, head_dim]``
-    (``dtype`` int8 for a file whose cache is quantized, :mod:`qcompile.passes.quantize_kv`)."""
+    (``dtype`` int8 for a file whose cache is quantized, KV-cache annotations, :mod:`qcompile.passes.annotate`)."""
 
     num_layers: int
     num_kv_heads: int

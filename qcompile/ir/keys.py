@@ -13,9 +13,12 @@ analysis writes, rewrites read — PT2E style: annotate first, rewrite second):
 | linear     | analyze         | :class:`qcompile.analysis.structure.LinearSite`                       |
 | norm       | analyze         | :class:`qcompile.analysis.structure.NormSite` (on the norm's output)  |
 | act_stats  | calibrate       | per-channel / per-token abs-max of the linear's input                 |
-| kv_stats   | quantize_kv     | the same of the new keys / values entering a KV cache                 |
+| kv_stats   | quantize        | the same of the new keys / values entering a KV cache                 |
 | outliers   | detect_outliers | outlier report of the linear's input                                  |
 | quant      | quantize        | the scheme string applied to a linear / embedding / cache entry       |
+| qspec      | annotate        | the :mod:`qcompile.quant.spec` QuantSpec to apply: on a linear, an    |
+|            |                 | embedding, or the new keys / values entering a KV cache (the entry    |
+|            |                 | nodes of ``AttentionSite.key_source`` / ``value_source``)             |
 
 The structural analysis (``analyze``) rewrites only its own keys (:data:`ANALYSIS_KEYS`), so
 annotations made by other passes survive a re-analysis.
@@ -26,7 +29,7 @@ annotations made by other passes survive a re-analysis.
 |-------------|-------------------|----------------------------------------------------------------|
 | structure   | analyze           | :class:`qcompile.analysis.structure.Structure`                 |
 | decoder     | capture_decoder   | :class:`qcompile.frontend.decoder.CacheLayout` (a decode step) |
-| quantize    | quantize          | linear node -> scheme string                                   |
+| quantize    | quantize          | quantized node (linear, embedding, KV entry) -> scheme string  |
 | fold_qdq    | fold_qdq          | node -> the folded op it became                                |
 | fuse_attention | fuse_attention | :class:`qcompile.passes.fuse_attention.FuseAttentionReport`    |
 
@@ -35,7 +38,6 @@ annotations made by other passes survive a re-analysis.
 | key         | written by        | value                                                          |
 |-------------|-------------------|----------------------------------------------------------------|
 | calibration | calibrate         | linear node -> :class:`qcompile.quant.calibration.LinearInputStats` |
-| pipeline_passes | pass manager  | the pipeline's pass objects (read by ``smooth``'s search)      |
 | reference   | keep_reference    | a copy of the graph before lowering (read by ``onnx.verify``)  |
 
 ``PassResult.report`` keys that instruments read:
@@ -64,8 +66,10 @@ ACT_STATS = "act_stats"
 KV_STATS = "kv_stats"
 OUTLIERS = "outliers"
 QUANT = "quant"
+# Quantization annotations (the annotate pass decides, the quantize pass converts).
+QSPEC = "qspec"
 
-KEYS = (MODULE, ROLE, LAYER, LINEAR, NORM, ACT_STATS, KV_STATS, OUTLIERS, QUANT)
+KEYS = (MODULE, ROLE, LAYER, LINEAR, NORM, ACT_STATS, KV_STATS, OUTLIERS, QUANT, QSPEC)
 # What the structural analysis owns: cleared and rewritten by every re-analysis.
 ANALYSIS_KEYS = (ROLE, LAYER, LINEAR, NORM)
 
@@ -82,9 +86,8 @@ INFO_KEYS = (INFO_STRUCTURE, INFO_DECODER, INFO_QUANTIZE, INFO_FOLD, INFO_ATTENT
 # ---- ctx.state -----------------------------------------------------------------------------------
 
 STATE_CALIBRATION = "calibration"
-STATE_PIPELINE_PASSES = "pipeline_passes"
 
-STATE_KEYS = (STATE_CALIBRATION, STATE_PIPELINE_PASSES)
+STATE_KEYS = (STATE_CALIBRATION,)
 
 # Lowering (targets): the pre-lowering graph a backend checks its artifact against.
 STATE_REFERENCE = "reference"

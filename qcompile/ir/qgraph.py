@@ -89,6 +89,13 @@ class QGraph:
     def copy(self) -> QGraph:
         """A deep copy: graph, constants and node.meta. Passes that must not touch their input use it."""
         gm = copy.deepcopy(self.graph_module)
+        # fx copies each node.meta shallowly: give the copy its own annotation dict, so a pass writing
+        # node.meta["qcompile"] on the copy never annotates the original (the values are immutable).
+        originals = {n.name: n for n in self.graph.nodes}
+        for node in gm.graph.nodes:
+            ann = originals[node.name].meta.get(keys.NAMESPACE)
+            if ann is not None:
+                node.meta[keys.NAMESPACE] = dict(ann)
         new = QGraph(gm, self.in_spec, self.out_spec, source=self.source, module_names=self.module_names)
         new.info = copy.deepcopy(self.info)
         return new

@@ -112,7 +112,7 @@ def gqa_attention_int8kv(
     (``k_scale`` / ``v_scale`` ``[1, KV, 1, D]``, symmetric, [-128, 127]) and appended to the int8
     ``past``; attention reads the whole cache dequantized. The same numbers as the unfused graph's
     ``dequantize(quantize(k_new))`` before ``cat([past, ·])`` when that past holds ``past_k · k_scale``
-    (:mod:`qcompile.passes.quantize_kv`)."""
+    (KV-cache annotations realised by :mod:`qcompile.passes.quantize`)."""
     present_k = torch.cat([past_k, _quantize_cache(k_new, k_scale)], dim=-2)
     present_v = torch.cat([past_v, _quantize_cache(v_new, v_scale)], dim=-2)
     keys, values = _dequantize_cache(present_k, k_scale), _dequantize_cache(present_v, v_scale)

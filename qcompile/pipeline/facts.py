@@ -140,6 +140,26 @@ FOLDED = register_fact(
 )
 
 
+# ---- quantization annotations (the annotate pass) ------------------------------------------------------
+
+
+def _specs_annotated(ir: Any, ctx: Any) -> str | None:
+    if (why := _qgraph(ir)) is not None:
+        return why
+    if any(keys.QSPEC in n.meta.get(keys.NAMESPACE, {}) for n in ir.graph.nodes):
+        return None
+    return "no node carries a quantization spec (node.meta qcompile.qspec)"
+
+
+SPECS_ANNOTATED = register_fact(
+    Fact(
+        "specs_annotated",
+        "quantization specs annotated on the linears / embedding / KV cache entries to quantize",
+        _specs_annotated,
+    )
+)
+
+
 def establishing_passes(fact: Fact) -> list[str]:
     """Names of the registered passes that ensure ``fact`` (for error messages)."""
     from qcompile.pipeline.contract import PASS_REGISTRY, import_builtin_passes

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qcompile.ir import keys
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, PipelineResult
 from qcompile.pipeline.instruments import Instrument, instruments_from_env
 from qcompile.pipeline.recipe import Recipe, load_recipe
@@ -59,9 +58,6 @@ class PassManager:
     def run(self, ir: Any, ctx: PassContext | None = None) -> PipelineResult:
         """Run the pipeline on a copy of ``ir`` and return the result (``ir`` is untouched)."""
         ctx = ctx if ctx is not None else PassContext()
-        # Passes may read their neighbours' options (smooth searches α under the quantize pass's own
-        # quantizers): the pipeline is configuration, so it travels in the context.
-        ctx.state[keys.STATE_PIPELINE_PASSES] = list(self.passes)
         work = ir.copy()
         start = time.perf_counter()
         for inst in self.instruments:

@@ -92,8 +92,62 @@ class Recipe:
         return recipe
 
     def needs_calibration(self) -> bool:
-        """Some pass reads calibration batches (``calibrate``, ``quantize_kv``)."""
+        """Some pass reads calibration batches (``calibrate``; ``annotate`` with a KV cache, whose
+        ranges the ``quantize`` pass observes on them)."""
         return any(p.needs_calibration() for p in self.build_passes())
+
+    def with_quantization(
+        self,
+        *,
+        lm_head_bits: int | None = None,
+        embedding_bits: int | None = None,
+        head_group_size: int | None = None,
+        kv_cache_bits: int | None = None,
+    ) -> Recipe:
+        """A copy (validated) whose last ``annotate`` step also quantizes the lm_head (weight-only RTN,
+        symmetric groups of ``head_group_size``, default 64), the embedding table (the same grid, so a
+        tied table is stored once) and/or the KV cache; None leaves a setting as the recipe has it.
+        The name gets a suffix per change (``w4a16-rtn+lm_head8+emb8+kv8``).
+
+        Raises :class:`RecipeError` when the recipe has no annotate pass (nothing to add them to) or
+        no quantize pass after it (nothing would convert them).
+        """
+        where = f"recipe {self.name!r} ({self.source})"
+        names = self.pass_names()
+        if "annotate" not in names:
+            raise RecipeError(
+                f"{where} has no annotate pass, so lm_head / embedding / KV-cache quantization cannot be "
+                f"added to it (passes: {' → '.join(names)}); choose a recipe that quantizes, or add "
+                "annotate after analyze and quantize at the end"
+            )
+        index = len(names) - 1 - names[::-1].index("annotate")
+        if "quantize" not in names[index + 1 :]:
+            raise RecipeError(f"{where}: no quantize pass after annotate would convert the annotations")
+        group = 64 if head_group_size is None else head_group_size
+        options = dict(self.passes[index].options)
+        suffix = ""
+        if lm_head_bits is not None:
+            head = {"roles": ["lm_head"], "weight_bits": lm_head_bits, "group_size": group}
+            head |= {
+                "weight_symmetric": True,
+                "clip_search": False,
+                "act_mode": "none",
+                "weight_method": "rtn",
+            }
+            options["overrides"] = [*options.get("overrides", []), head]
+            suffix += f"+lm_head{lm_head_bits}"
+        if embedding_bits is not None:
+            options |= {"embedding_bits": embedding_bits, "embedding_group_size": group}
+            options["embedding_symmetric"] = True
+            suffix += f"+emb{embedding_bits}"
+        if kv_cache_bits is not None:
+            options["kv_cache_bits"] = kv_cache_bits
+            suffix += f"+kv{kv_cache_bits}"
+        passes = list(self.passes)
+        passes[index] = PassSpec("annotate", options)
+        recipe = dataclasses.replace(self, name=self.name + suffix, passes=passes)
+        validate_recipe(recipe)
+        return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe in its file shape (``load_recipe(r.to_dict())`` round-trips)."""

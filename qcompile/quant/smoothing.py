@@ -10,7 +10,7 @@ channel as well; for v→o with GQA they are tied across each KV group before th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +26,7 @@ from qcompile.equivalence import (
 from qcompile.ir import QGraph
 from qcompile.quant.calibration import LinearInputStats
 from qcompile.quant.rtn import fake_quant_activation, quantize_weight
-from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec
+from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec, scheme_string
 
 GroupKind = Literal["qkv", "gate_up", "norm", "down", "vo"]
 GROUP_KINDS: tuple[str, ...] = ("qkv", "gate_up", "norm", "down", "vo")
@@ -159,18 +159,30 @@ def smoothing_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
     return a.pow(alpha) / w.pow(1.0 - alpha)
 
 
+@dataclass(frozen=True)
+class SinkQuantizers:
+    """The quantizers the search scores one sink linear under: its weight grid (RTN) and its input
+    activation scheme."""
+
+    weight: WeightQuantSpec
+    act: ActQuantSpec
+
+    def short(self) -> str:
+        return scheme_string(self.weight, self.act)
+
+
 @dataclass
 class SearchObjective:
     """SmoothQuant+'s criterion for one group: the quantized output error of its sinks on real input
-    rows, under the recipe's own quantizers: ``Σ_sinks ‖X Wᵀ − Q_a(X/s) Q_w(W diag(s))ᵀ‖²``.
+    rows, under each sink's own quantizers: ``Σ_sinks ‖X Wᵀ − Q_a(X/s) Q_w(W diag(s))ᵀ‖²``. A sink
+    missing from ``sinks`` stays float and adds no error.
 
     ``rotation = "hadamard"`` (SmoothRot) measures the error *after* the online Hadamard the rotate
     pass puts on the sink's input (R4 on the down_proj input): ``Q_a((X/s) H) Q_w((W diag(s)) H)ᵀ``.
     The float product is unchanged (``H Hᵀ = I``); only the quantizers see the difference.
     """
 
-    weight_spec: WeightQuantSpec
-    act_spec: ActQuantSpec
+    sinks: Mapping[str, SinkQuantizers]
     rotation: Literal["none", "hadamard"] = "none"
     _matrices: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False, compare=False)
 
@@ -195,6 +207,9 @@ class SearchObjective:
     ) -> float:
         total = 0.0
         for sink in group.sinks:
+            quantizers = self.sinks.get(sink)
+            if quantizers is None:
+                continue
             x = stats[sink].samples.double()
             w = qgraph.get_constant(st.linears[sink].weight).detach().double()
             ref = x @ w.T
@@ -204,10 +219,10 @@ class SearchObjective:
                 xs, ws = xs @ h, ws @ h
             xs = xs.float()
             static = None
-            if self.act_spec.mode == "static_per_tensor":
+            if quantizers.act.mode == "static_per_tensor":
                 static = (float(xs.min()), float(xs.max()))
-            xq = fake_quant_activation(xs, self.act_spec, static).double()
-            wq = quantize_weight(ws.float(), self.weight_spec).dequantize().double()
+            xq = fake_quant_activation(xs, quantizers.act, static).double()
+            wq = quantize_weight(ws.float(), quantizers.weight).dequantize().double()
             total += float(((ref - xq @ wq.T) ** 2).sum())
         return total
 

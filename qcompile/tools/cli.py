@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=[8],
         default=None,
-        help="int8 KV cache: append the quantize_kv pass to the recipe (static per-channel scales from "
-        "calibration; GroupQueryAttention stores the cache in int8)",
+        help="int8 KV cache: the recipe's annotate pass gets kv_cache_bits (static per-channel scales "
+        "from calibration; GroupQueryAttention stores the cache in int8)",
     )
     ex.add_argument(
         "--prefill-only",

@@ -2,8 +2,7 @@
 
 :func:`export_decoder` (the default): capture the decode step with its KV cache
 (:func:`qcompile.frontend.decoder.capture_decoder`), then ONE pass manager runs the recipe (its
-calibration windows run as prefills: token ids with an empty cache), ``quantize_head`` when asked,
-and target ``onnx``'s passes (:mod:`qcompile.backends.onnx.target`) — so ``QCOMPILE_DUMP_DIR`` numbers
+calibration windows run as prefills: token ids with an empty cache) and target ``onnx``'s passes (:mod:`qcompile.backends.onnx.target`) — so ``QCOMPILE_DUMP_DIR`` numbers
 every step in one sequence (``00_input``, ``01_analyze``, … ``NN_onnx.export``, ``NN_onnx.share_kv_buffer``,
 …) and every instrument sees the lowering too. The in-memory model is written once, at the end.
 :func:`export_prefill` does the same for the plain captured forward (``input_ids -> logits`` for
@@ -26,7 +25,7 @@ import torch
 from qcompile.frontend.capture import capture
 from qcompile.frontend.decoder import capture_decoder, example_decoder_inputs
 from qcompile.ir import QGraph, keys
-from qcompile.pipeline.contract import Pass, PassContext, PipelineResult, get_pass_class
+from qcompile.pipeline.contract import Pass, PassContext, PipelineResult
 from qcompile.pipeline.instruments import DisablePasses, DumpIR, Instrument, Timing
 from qcompile.pipeline.instruments.disable import is_pattern
 from qcompile.pipeline.manager import PassManager, RecipeLike
@@ -62,17 +61,12 @@ class Export:
         return self.pipeline.summary() + "\n" + self.report.summary()
 
 
-def head_pass(head: Any) -> list[Pass]:
-    """``quantize_head`` with ``head``'s options, or nothing (``head`` None)."""
-    return [] if head is None else [get_pass_class("quantize_head")(head)]
-
-
 def lowering_passes(
-    recipe: RecipeLike, head: Any, options: Any, decode_step: bool, target: str = "onnx"
+    recipe: RecipeLike, options: Any, decode_step: bool, target: str = "onnx"
 ) -> tuple[Recipe, list[Pass]]:
-    """The one pipeline of an export: the recipe's passes, ``quantize_head``, the target's passes."""
+    """The one pipeline of an export: the recipe's passes, then the target's."""
     recipe = load_recipe(recipe)
-    return recipe, recipe.build_passes() + head_pass(head) + get_target(target).passes(options, decode_step)
+    return recipe, recipe.build_passes() + get_target(target).passes(options, decode_step)
 
 
 def _run(
@@ -101,18 +95,18 @@ def export_decoder(
     calibration: Sequence[torch.Tensor] | None = None,
     options: Any = None,
     qgraph: QGraph | None = None,
-    head: Any = None,
     instruments: Iterable[Instrument] = (),
 ) -> Export:
     """Capture (or take ``qgraph``, from :func:`capture_decoder`, to reuse a capture), quantize with
     ``recipe``, lower to ONNX and write the decode step of ``model`` to ``path``.
 
     ``calibration``: token-id tensors, each run as a prefill; ``options``: target ``onnx``'s
-    ``ExportOptions`` (or a dict); ``head``: ``quantize_head``'s options (lm_head / embedding);
-    ``instruments``: the pass manager's, on top of those ``QCOMPILE_*`` asks for."""
+    ``ExportOptions`` (or a dict); ``instruments``: the pass manager's, on top of those ``QCOMPILE_*``
+    asks for. The lm_head, embedding and KV cache are quantized when the recipe's annotations say so
+    (``Recipe.with_quantization``)."""
     captured = qgraph if qgraph is not None else capture_decoder(model)
     layout = captured.info[keys.INFO_DECODER]
-    recipe, passes = lowering_passes(recipe, head, _onnx_options(options, model), decode_step=True)
+    recipe, passes = lowering_passes(recipe, _onnx_options(options, model), decode_step=True)
     batches = None if calibration is None else [(ids, layout.empty(ids.shape[0])) for ids in calibration]
     _check_calibration(recipe, batches)
     sample = example_decoder_inputs(layout, batch=2, past=4, seq=3)  # a cached step
@@ -128,13 +122,12 @@ def export_prefill(
     recipe: RecipeLike = "fp",
     calibration: Sequence[torch.Tensor] | None = None,
     options: Any = None,
-    head: Any = None,
     instruments: Iterable[Instrument] = (),
 ) -> Export:
     """The plain forward of ``model`` (captured on ``example``, or a captured QGraph), quantized and
     lowered to ONNX in one pipeline; every dim of the inputs dynamic."""
     qgraph = model if isinstance(model, QGraph) else capture(model, example)
-    recipe, passes = lowering_passes(recipe, head, _onnx_options(options, None), decode_step=False)
+    recipe, passes = lowering_passes(recipe, _onnx_options(options, None), decode_step=False)
     batches = None if calibration is None else [(ids,) for ids in calibration]
     _check_calibration(recipe, batches)
     ctx = PassContext(sample_inputs=[example], calibration=batches, show_progress=False)
@@ -142,10 +135,10 @@ def export_prefill(
 
 
 def quantize_decoder(
-    qgraph: QGraph, recipe: RecipeLike, calibration: Sequence[torch.Tensor] | None = None, head: Any = None
+    qgraph: QGraph, recipe: RecipeLike, calibration: Sequence[torch.Tensor] | None = None
 ) -> QGraph:
-    """``recipe`` (and ``quantize_head``) on a decode-step QGraph, without lowering: the reference an
-    export of the same recipe is checked against."""
+    """``recipe`` on a decode-step QGraph, without lowering: the reference an export of the same
+    recipe is checked against."""
     layout = qgraph.info[keys.INFO_DECODER]
     recipe = load_recipe(recipe)
     batches = None if calibration is None else [(ids, layout.empty(ids.shape[0])) for ids in calibration]
@@ -153,7 +146,7 @@ def quantize_decoder(
     ctx = PassContext(
         sample_inputs=[example_decoder_inputs(layout)], calibration=batches, show_progress=False
     )
-    return PassManager(recipe.build_passes() + head_pass(head)).run(qgraph, ctx).qgraph
+    return PassManager(recipe.build_passes()).run(qgraph, ctx).qgraph
 
 
 def _check_calibration(recipe: Recipe, batches: list | None) -> None:
@@ -178,19 +171,10 @@ class ExportCommand:
     head_group_size: int = 64
     prefill_only: bool = False
     calib: str = "32x512"  # calibration windows × tokens (recipes that calibrate)
-    kv_cache_bits: int | None = None  # 8: append quantize_kv (int8 KV cache) unless the recipe has it
+    kv_cache_bits: int | None = None  # 8: an int8 KV cache (the recipe's annotate gets kv_cache_bits)
     disable: list[str] = field(default_factory=list)  # pass names / patterns (DisablePasses)
     dump_dir: str | None = None  # DumpIR, like QCOMPILE_DUMP_DIR
     timing: bool = False  # Timing(echo=True), like QCOMPILE_TIMING=1
-
-    def head(self) -> Any:
-        if self.lm_head_bits is None and self.embedding_bits is None:
-            return None
-        return {
-            "lm_head_bits": self.lm_head_bits,
-            "embedding_bits": self.embedding_bits,
-            "group_size": self.head_group_size,
-        }
 
     def options(self) -> dict[str, Any]:
         return {"accuracy_level": self.accuracy_level, "int4_format": self.int4_format}
@@ -221,11 +205,17 @@ class ExportPlan:
 
 
 def _recipe(cmd: ExportCommand) -> Recipe:
-    """The recipe to run: ``cmd.recipe``, with ``quantize_kv`` appended for ``--kv-cache-bits``."""
+    """The recipe to run: ``cmd.recipe``, its annotations extended by ``--lm-head-bits``,
+    ``--embedding-bits`` (groups of ``--head-group-size``) and ``--kv-cache-bits``."""
     recipe = load_recipe(cmd.recipe)
-    if cmd.kv_cache_bits is None or "quantize_kv" in recipe.pass_names():
+    if cmd.lm_head_bits is None and cmd.embedding_bits is None and cmd.kv_cache_bits is None:
         return recipe
-    return recipe.appended("quantize_kv", {"bits": cmd.kv_cache_bits}, suffix=f"+kv{cmd.kv_cache_bits}")
+    return recipe.with_quantization(
+        lm_head_bits=cmd.lm_head_bits,
+        embedding_bits=cmd.embedding_bits,
+        head_group_size=cmd.head_group_size,
+        kv_cache_bits=cmd.kv_cache_bits,
+    )
 
 
 def plan_export(cmd: ExportCommand) -> ExportPlan:
@@ -238,7 +228,7 @@ def plan_export(cmd: ExportCommand) -> ExportPlan:
     recipe = _recipe(cmd)
     target = get_target("onnx")
     options = target.build_options(cmd.options())
-    _, passes = lowering_passes(recipe, cmd.head(), options, decode_step=not cmd.prefill_only)
+    _, passes = lowering_passes(recipe, options, decode_step=not cmd.prefill_only)
     for name in cmd.disable:
         if not any(DisablePasses([name]).matches(p) for p in passes):
             hint = " (a pattern matches equivalence passes only)" if is_pattern(name) else ""
@@ -273,7 +263,6 @@ def run_export(cmd: ExportCommand) -> Export:
         "recipe": plan.recipe,
         "calibration": calibration,
         "options": cmd.options(),
-        "head": cmd.head(),
         "instruments": cmd.instruments(),
     }
     if not cmd.prefill_only:
