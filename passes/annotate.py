@@ -21,7 +21,7 @@ specs of the linears it smooths into.
   stores. Its ranges are observed by the quantize pass on the calibration batches, so a recipe with
   it needs calibration data.
 
-A recipe reads like this (``qcompile/recipes/w4a16-mixed.toml``)::
+A recipe reads like this (from ``qcompile/recipes/w4a16-smoothquant+-gptq-mixed.toml``)::
 
     [[passes]]
     name = "annotate"
@@ -31,7 +31,7 @@ A recipe reads like this (``qcompile/recipes/w4a16-mixed.toml``)::
 
     [[passes.overrides]]
     roles = ["down"]
-    layers = [0, 29]
+    layers = [11]
     weight_bits = 8
 
 The report gives how many linears each scheme covers, what was left float and why, and what each

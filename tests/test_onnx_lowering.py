@@ -64,14 +64,16 @@ def dumped(model, decoder, tmp_path_factory):
 def test_an_export_dumps_every_pass_numbered(dumped):
     exp, _, dump, _, _ = dumped
     stems = sorted(p.name.removesuffix(".report.json") for p in dump.glob("*.report.json"))
-    expected = [f"{i:02d}_{name}" for i, name in enumerate(["analyze", "quantize", *LOWERING], start=1)]
+    expected = [
+        f"{i:02d}_{name}" for i, name in enumerate(["analyze", "annotate", "quantize", *LOWERING], start=1)
+    ]
     assert stems == expected and (dump / "00_input.txt").exists()
     for stem in expected:
         assert (dump / f"{stem}.txt").exists() and (dump / f"{stem}.constants.txt").exists()
         assert json.loads((dump / f"{stem}.report.json").read_text())["pass"] == stem.split("_", 1)[1]
     # the ONNX dumps list names, shapes and attributes, never weights: the text is far smaller than
     # the model, and its constants file has one line per initializer
-    text = (dump / "06_onnx.export.txt").read_text()
+    text = (dump / next(f"{s}.txt" for s in expected if s.endswith("_onnx.export"))).read_text()
     assert "MatMulNBits" in text and "GroupQueryAttention" in text
     model = onnx.load(str(dumped[1]))
     assert len(text) < model.ByteSize() / 2
@@ -198,6 +200,7 @@ def test_cli_disable_pass_and_dump_dir(tmp_path, capsys):
     names = sorted(p.name.removesuffix(".report.json") for p in dump.glob("*.report.json"))
     assert [n.split("_", 1)[1] for n in names] == [  # … and from the numbered dump
         "analyze",
+        "annotate",
         "quantize",
         *[n for n in LOWERING if n not in ("onnx.share_kv_buffer", "onnx.collapse_reshapes")],
     ]

@@ -59,7 +59,12 @@ def test_lower_continues_the_dump_of_the_recipe(quantized, tmp_path, monkeypatch
     qm = qcompile.quantize(model, "w8a8-rtn", example_inputs=(ids,), progress=False)
     runner = qcompile.lower(qm, "reference")
     reports = sorted(p.name for p in tmp_path.glob("*.report.json"))
-    assert reports == ["01_analyze.report.json", "02_quantize.report.json", "03_fold_qdq.report.json"]
+    assert reports == [
+        "01_analyze.report.json",
+        "02_annotate.report.json",
+        "03_quantize.report.json",
+        "04_fold_qdq.report.json",
+    ]
     assert isinstance(runner, ReferenceRunner) and runner.pipeline.results[0][0] == "fold_qdq"
     torch.testing.assert_close(runner(ids).logits, qm(ids).logits, rtol=0, atol=0)  # folding is exact
 
