@@ -41,11 +41,7 @@ the calibration sample rows and the fraction of values at the clip limit.
 
 from __future__ import annotations
 
-import math
-import operator
-import statistics
-from collections import Counter
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -54,53 +50,24 @@ import torch.fx as fx
 from qcompile import ops
 from qcompile.analysis.structure import AttentionSite, EmbeddingSite, LinearSite, Structure
 from qcompile.ir import QGraph, keys
+from qcompile.passes.quantize.qdq import QDQWriter
+from qcompile.passes.quantize.report import (
+    CacheQuantReport,
+    LinearQuantReport,
+    build_report,
+    render_summary,
+)
 from qcompile.pipeline import facts
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
-from qcompile.quant.calibration import CalibrationError, LinearInputStats, calibrate
+from qcompile.quant.calibration import CalibrationError, calibrate
 from qcompile.quant.gptq import GPTQError, gptq_quantize
-from qcompile.quant.rtn import (
-    QuantizedWeight,
-    dequantize_ref,
-    fake_quant_activation,
-    quantize_ref,
-    quantize_weight,
-    sqnr_db,
-    static_per_tensor_qparams,
-    symmetric_qparams,
-)
+from qcompile.quant.rtn import QuantizedWeight, fake_quant_activation, quantize_weight, sqnr_db
 from qcompile.quant.scheme import ActQuantSpec
 from qcompile.quant.spec import EmbeddingQuantSpec, KVCacheQuantSpec, LinearQuantSpec
 
 NO_CALIBRATION = "run the calibrate pass before quantize, or annotate act_mode = 'dynamic_per_token'"
 NO_HESSIAN = "set hessian = true on the calibrate pass (before quantize), or annotate weight_method = 'rtn'"
 NO_KV_BATCHES = "pass calibration=... to qcompile.quantize, or annotate without kv_cache_bits"
-
-
-@dataclass
-class LinearQuantReport:
-    """What happened to one linear: its scheme and the error it now makes."""
-
-    node: str
-    role: str
-    layer: int | None
-    scheme: str
-    weight_sqnr_db: float  # W vs Ŵ
-    output_sqnr_db: float | None = None  # X Wᵀ vs X̂ Ŵᵀ on calibration samples, when there are any
-    mean_clip_ratio: float | None = None  # clip search only
-    method: str = "rtn"  # weight quantizer: rtn | gptq
-
-
-@dataclass
-class CacheQuantReport:
-    """One quantized KV-cache entry and the error it now carries (on the calibration sample rows)."""
-
-    layer: int | None
-    attention: str  # the sdpa node
-    entry: str  # key | value
-    node: str
-    scheme: str
-    sqnr_db: float | None
-    clipped: float | None  # fraction of sampled values at the grid's limit
 
 
 @dataclass
@@ -136,7 +103,7 @@ class QuantizePass(Pass):
         if st is None:
             raise PassError(self.name, "no structure on the graph; run the analyze pass first")
         plan = self._plan(qgraph, st, ctx)
-        rewriter = _Rewriter(qgraph)
+        rewriter = QDQWriter(qgraph)
         hessians = _HessianRelease(ctx, {n.name: n for n in qgraph.graph.nodes})
         rows = []
         for site, node, spec, stats in plan.linears:
@@ -151,9 +118,9 @@ class QuantizePass(Pass):
             | {r["node"]: r["scheme"] for r in embedding_rows}
             | {r.node: r.scheme for r in cache_rows}
         )
-        report = _report(rows, plan.left, embedding_rows, cache_rows)
+        report = build_report(rows, plan.left, embedding_rows, cache_rows)
         changed = bool(rows or embedding_rows or cache_rows)
-        return PassResult(qgraph, changed=changed, report=report, summary=_summary(report, rows))
+        return PassResult(qgraph, changed=changed, report=report, summary=render_summary(report, rows))
 
     # ---- planning: every check before the first rewrite ----------------------------------------------
 
@@ -270,7 +237,7 @@ class QuantizePass(Pass):
     def _quantize_linear(
         self,
         qgraph: QGraph,
-        rewriter: _Rewriter,
+        rewriter: QDQWriter,
         node: fx.Node,
         site: LinearSite,
         spec: LinearQuantSpec,
@@ -322,7 +289,7 @@ class QuantizePass(Pass):
     def _quantize_embedding(
         self,
         qgraph: QGraph,
-        rewriter: _Rewriter,
+        rewriter: QDQWriter,
         st: Structure,
         site: EmbeddingSite,
         node: fx.Node,
@@ -350,7 +317,7 @@ class QuantizePass(Pass):
     # ---- KV cache -------------------------------------------------------------------------------------
 
     def _quantize_caches(
-        self, qgraph: QGraph, rewriter: _Rewriter, caches: list, ctx: PassContext
+        self, qgraph: QGraph, rewriter: QDQWriter, caches: list, ctx: PassContext
     ) -> list[CacheQuantReport]:
         """Observe every entry's per-channel range on the graph as it is now, then fake-quantize it."""
         if not caches:
@@ -461,189 +428,3 @@ class _HessianRelease:
             linear = self.by_name.get(name)
             if linear is not None and keys.get(linear).get(keys.ACT_STATS) is old:
                 keys.set_(linear, keys.ACT_STATS, calibration[name])
-
-
-class _Rewriter:
-    """Graph surgery for the pass: new constants and op nodes, each with ``meta["val"]``."""
-
-    def __init__(self, qgraph: QGraph) -> None:
-        self.qgraph = qgraph
-        self.replaced: list[fx.Node] = []  # float weight get_attr nodes that lost a user
-        self.act_cache: dict[tuple, fx.Node] = {}  # (input node, scheme, static range) -> dequantized input
-
-    def replace_weight(self, linear: fx.Node, qw: Any) -> None:
-        """linear(x, W) → linear(x, dequantize(q, scale, zp, g)), the constants computed offline."""
-        w_node = linear.args[1]
-        consts = self._weight_constants(w_node, qw)
-        deq = self._call(ops.DEQUANTIZE, (*consts, qw.group_size), before=linear, like=linear)
-        linear.replace_input_with(w_node, deq)
-        self.replaced.append(w_node)
-
-    def dequantized_table(self, lookup: fx.Node, table: fx.Node, qw: QuantizedWeight) -> fx.Node:
-        """``dequantize(q, s, z, g)`` of an embedding table, right before its lookup (the form
-        ``fold_qdq`` matches)."""
-        consts = self._weight_constants(table, qw)
-        with self.qgraph.graph.inserting_before(lookup):
-            deq = self.qgraph.graph.call_function(ops.DEQUANTIZE, (*consts, qw.group_size))
-        deq.meta["val"] = table.meta["val"]
-        return deq
-
-    def _weight_constants(self, w_node: fx.Node, qw: Any) -> list[fx.Node]:
-        hint = str(w_node.target)
-        return [
-            self.qgraph.add_constant(f"{hint}_{suffix}", t, before=w_node)
-            for suffix, t in (("q", qw.q), ("scale", qw.scale), ("zero_point", qw.zero_point))
-        ]
-
-    def quantize_input(
-        self, linear: fx.Node, spec: ActQuantSpec, static_range: tuple[float, float] | None
-    ) -> None:
-        """Put a QDQ chain on the linear's input; linears reading the same tensor with the same scheme
-        (and, when static, the same calibrated range) share it."""
-        x = linear.args[0]
-        key = (x, spec, static_range)
-        if key not in self.act_cache:
-            if spec.mode == "dynamic_per_token":
-                qp = self._call(
-                    ops.CHOOSE_QPARAMS_PER_TOKEN, (x, spec.qmin, spec.qmax, spec.symmetric), linear, linear
-                )
-                scale = self._getitem(qp, 0, linear)
-                zp = self._getitem(qp, 1, linear)
-            else:
-                val = x.meta["val"]
-                s, z = (t.to(val.device) for t in static_per_tensor_qparams(*static_range, spec, val.dtype))
-                first = _first_placeholder(self.qgraph)
-                scale = self.qgraph.add_constant(f"{linear.name}_act_scale", s, before=first)
-                zp = self.qgraph.add_constant(f"{linear.name}_act_zero_point", z, before=first)
-            q = self._call(ops.QUANTIZE, (x, scale, zp, spec.qmin, spec.qmax, 0), linear, linear)
-            self.act_cache[key] = self._call(ops.DEQUANTIZE, (q, scale, zp, 0), linear, linear)
-        linear.replace_input_with(x, self.act_cache[key])
-
-    def quantize_cache_entry(
-        self, node: fx.Node, stats: LinearInputStats, spec: KVCacheQuantSpec
-    ) -> tuple[float | None, float | None]:
-        """Route every reader of ``node`` through ``dequantize(quantize(node))`` with per-channel static
-        scales; returns (SQNR dB, clipped fraction) on the calibration sample rows."""
-        val = node.meta["val"]
-        kv, d = int(val.shape[1]), int(val.shape[3])
-        qmin, qmax = spec.qmin, spec.qmax
-        scale, zero = symmetric_qparams(stats.channel_absmax, qmin, qmax, val.dtype)  # absmax / 127.5
-        scale = scale.to(val.dtype)
-        readers = list(node.users)
-        anchor = next(iter(self.qgraph.graph.nodes))  # constants go first
-        s_node = self.qgraph.add_constant(f"{node.name}_kv_scale", scale.view(1, kv, 1, d), before=anchor)
-        z_node = self.qgraph.add_constant(f"{node.name}_kv_zero_point", zero.view(1, kv, 1, d), before=anchor)
-        order = {n: i for i, n in enumerate(self.qgraph.graph.nodes)}
-        first = min(readers, key=order.__getitem__)
-        q = self._call(ops.QUANTIZE, (node, s_node, z_node, qmin, qmax, 0), first, like=node)
-        dq = self._call(ops.DEQUANTIZE, (q, s_node, z_node, 0), first, like=node)
-        for user in readers:
-            user.replace_input_with(node, dq)
-        keys.set_(dq, keys.QUANT, spec.scheme())
-        samples = stats.samples
-        if not samples.numel():
-            return None, None
-        s = scale.to(samples.dtype).flatten()
-        q_samples = quantize_ref(samples, s, zero.flatten(), qmin, qmax, 0)
-        clipped = float(((q_samples == qmin) | (q_samples == qmax)).float().mean())
-        return sqnr_db(samples, dequantize_ref(q_samples, s, zero.flatten(), 0)), clipped
-
-    def drop_unused_weights(self) -> None:
-        """Erase float weight constants nothing reads any more (node and buffer)."""
-        self.qgraph.drop_unused_constants([str(w.target) for w in self.replaced])
-
-    # ---- node construction with meta["val"] ----
-
-    def _call(self, op: Any, args: tuple, before: fx.Node, like: fx.Node) -> fx.Node:
-        try:
-            return self.qgraph.insert_call(op, args, before, like)
-        except ValueError as err:
-            raise PassError(QuantizePass.name, str(err), before.name) from err
-
-    def _getitem(self, node: fx.Node, index: int, before: fx.Node) -> fx.Node:
-        with self.qgraph.graph.inserting_before(before):
-            item = self.qgraph.graph.call_function(operator.getitem, (node, index))
-        item.meta["val"] = node.meta["val"][index]
-        return item
-
-
-def _first_placeholder(qgraph: QGraph) -> fx.Node:
-    return next((n for n in qgraph.graph.nodes if n.op == "placeholder"), next(iter(qgraph.graph.nodes)))
-
-
-# ---- report ---------------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict[str, float] | None:
-    finite = [v for v in values if v is not None]
-    if not finite:
-        return None
-    return {"min": min(finite), "median": statistics.median(finite)}
-
-
-def _report(
-    rows: list[LinearQuantReport],
-    left: list[dict[str, Any]],
-    embeddings: list[dict[str, Any]],
-    caches: list[CacheQuantReport],
-) -> dict[str, Any]:
-    return {
-        # linears per scheme and method, e.g. {"w4g128a+clip-a16 gptq": 208, "w8g128a+clip-a16 gptq": 2}
-        "schemes": dict(Counter(f"{r.scheme} {r.method}" for r in rows)),
-        "quantized": len(rows),
-        "left_float": left,
-        "weight_sqnr_db": _stats([r.weight_sqnr_db for r in rows]),
-        "output_sqnr_db": _stats([r.output_sqnr_db for r in rows if r.output_sqnr_db is not None]),
-        "linears": [asdict(r) for r in rows],
-        "embedding": embeddings,
-        "kv_cache": {
-            "entries": [asdict(r) for r in caches],
-            "sqnr_db_median": _stats([r.sqnr_db for r in caches]),
-        }
-        if caches
-        else None,
-    }
-
-
-def _fmt_db(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return "inf" if math.isinf(v) else f"{v:.1f}"
-
-
-def _summary(report: dict[str, Any], rows: list[LinearQuantReport], worst: int = 5) -> str:
-    w, o = report["weight_sqnr_db"], report["output_sqnr_db"]
-    schemes = ", ".join(f"{name} ×{n}" for name, n in report["schemes"].items()) or "none"
-    left = ", ".join(f"{e['node']} ({e['reason']})" for e in report["left_float"]) or "none"
-    lines = [f"{report['quantized']} linears quantized: {schemes}; left float: {left}"]
-    if w:
-        lines.append(f"  weight SQNR min {_fmt_db(w['min'])} dB, median {_fmt_db(w['median'])} dB")
-    if o:
-        lines.append(
-            f"  output SQNR min {_fmt_db(o['min'])} dB, median {_fmt_db(o['median'])} dB (calibration samples)"
-        )
-    key = (lambda r: r.output_sqnr_db) if o else (lambda r: r.weight_sqnr_db)
-    ranked = sorted(rows, key=key)[:worst]
-    if ranked:
-        lines.append(
-            f"  worst {len(ranked)}:  {'node':<14} {'role':<7} {'layer':>5} {'weight dB':>10} {'output dB':>10}"
-        )
-        for r in ranked:
-            layer = "-" if r.layer is None else str(r.layer)
-            lines.append(
-                f"            {r.node:<14} {r.role:<7} {layer:>5} {_fmt_db(r.weight_sqnr_db):>10} "
-                f"{_fmt_db(r.output_sqnr_db):>10}"
-            )
-    for e in report["embedding"]:
-        tie = ", shares the lm_head's quantized table" if e["shared_with_lm_head"] else ""
-        lines.append(
-            f"  embedding {e['node']}: {e['scheme']}, weight SQNR {_fmt_db(e['weight_sqnr_db'])} dB{tie}"
-        )
-    kv = report["kv_cache"]
-    if kv:
-        med = kv["sqnr_db_median"]
-        lines.append(
-            f"  KV cache: {kv['entries'][0]['scheme']} static per channel on {len(kv['entries'])} entries; "
-            f"SQNR median {_fmt_db(med['median'] if med else None)} dB (calibration samples)"
-        )
-    return "\n".join(lines)
