@@ -48,6 +48,10 @@ def _fmt_ann(node: fx.Node) -> str:
     q = ann.get(keys.QUANT)
     if q is not None:
         parts.append(f"quant={q}")
+    spec = ann.get(keys.QSPEC)
+    if spec is not None and q is None:  # annotated, not yet converted
+        describe = getattr(spec, "describe", None)
+        parts.append(f"qspec={describe() if callable(describe) else spec}".replace(" ", "_"))
     return ("  # " + " ".join(parts)) if parts else ""
 
 
