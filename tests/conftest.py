@@ -33,17 +33,22 @@ def smollm2_qgraph(smollm2):
     return qcompile.capture(model, (ids,)), ids
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model():
-    """A fresh tiny random Llama (``qcompile.tools.models.tiny_llama``) per test module."""
+    """A tiny random Llama (``qcompile.tools.models.tiny_llama``), shared by the session: tests read it
+    and capture it (capture copies the weights), never change it."""
     from qcompile.tools.models import tiny_llama
 
     return tiny_llama()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_decoder(tiny_model):
-    """The decode-step QGraph of ``tiny_model``, captured once per module."""
-    from qcompile.backends.onnx import capture_decoder
+    """The decode-step QGraph of ``tiny_model``, captured once per session (pipelines work on copies;
+    the teardown checks that no test changed it)."""
+    from qcompile.frontend.decoder import capture_decoder
 
-    return capture_decoder(tiny_model)
+    qgraph = capture_decoder(tiny_model)
+    before = qgraph.print_readable()
+    yield qgraph
+    assert qgraph.print_readable() == before, "a test changed the shared tiny_decoder capture"
