@@ -279,3 +279,18 @@ def test_qdq_format_pass_is_checked_and_verified(exported):
     assert result.ir.int4_format == "qdq" and "MatMulNBits" not in result.ir.op_counts()
     assert result.result("onnx.qdq_format").report["count"] == 14 and check.records[0].passed
     assert result.result("onnx.verify").report["max_relative_error"] < 1e-5
+
+
+def test_the_shortest_command_plans_the_recommended_file():
+    """``qcompile export-onnx`` alone: the recommended recipe with an int8 lm_head and tied embedding;
+    ``0`` keeps either float; a recipe that quantizes nothing gets no head quantization."""
+    from qcompile.tools.export import DEFAULT_RECIPE, ExportCommand, plan_export
+
+    plan = plan_export(ExportCommand())
+    assert plan.recipe.name == DEFAULT_RECIPE + "+lm_head8+emb8"
+    annotate = next(p for p in plan.passes if p.name == "annotate").options
+    assert annotate.kv_cache_bits == 8 and annotate.embedding_bits == 8
+    assert [(o.roles, o.weight_bits) for o in annotate.overrides] == [(["lm_head"], 8)]
+    floats = plan_export(ExportCommand(recipe="w4a16-rtn", lm_head_bits=0, embedding_bits=0))
+    assert floats.recipe.name == "w4a16-rtn"
+    assert plan_export(ExportCommand(recipe="fp")).recipe.name == "fp"

@@ -111,8 +111,9 @@ class PipelineResult:
 
     def summary(self) -> str:
         """One line per pass: name, changed or not, the pass's own summary."""
+        width = max([20, *(len(name) for name, _ in self.results)])
         lines = [
-            f"{name:<20} {'changed' if r.changed else 'unchanged':<9}  {r.summary}"
+            f"{name:<{width}} {'changed' if r.changed else 'unchanged':<9}  {r.summary}"
             for name, r in self.results
         ]
         if self.disabled:

@@ -81,6 +81,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcompile.tools.export import DEFAULT_HEAD_BITS, DEFAULT_RECIPE
+
     parser = argparse.ArgumentParser(prog="qcompile", description="A quantization compiler for PyTorch LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="SmolLM2: capture, structural summary, FP32 perplexity")
@@ -94,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=_cmd_analyze)
     ex = sub.add_parser("export-onnx", help="quantize a model and export it to ONNX (ONNX Runtime)")
     ex.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default) or tiny-llama")
-    ex.add_argument("--recipe", default="w4a16-rtn", help="a shipped recipe name or a TOML path")
+    ex.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help=f"a shipped recipe name or a TOML path (default {DEFAULT_RECIPE}: the recommended file)",
+    )
     ex.add_argument("--out", default="model.onnx", help="the .onnx file to write")
     ex.add_argument(
         "--accuracy-level",
@@ -109,13 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="matmulnbits",
         help="int4 weights as ORT MatMulNBits, or standard DequantizeLinear(INT4)+MatMul (ORT fuses it)",
     )
-    ex.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None, help="also quantize lm_head")
+    ex.add_argument(
+        "--lm-head-bits",
+        type=int,
+        choices=[0, 4, 8],
+        default=None,
+        help=f"quantize lm_head (weight-only RTN, symmetric groups); default {DEFAULT_HEAD_BITS} when the "
+        "recipe quantizes, 0 keeps it float",
+    )
     ex.add_argument(
         "--embedding-bits",
         type=int,
-        choices=[4, 8],
+        choices=[0, 4, 8],
         default=None,
-        help="also quantize the embedding table (shared with a tied lm_head of the same bits)",
+        help=f"quantize the embedding table (stored once with a tied lm_head on the same grid); default "
+        f"{DEFAULT_HEAD_BITS} when the recipe quantizes, 0 keeps it float",
     )
     ex.add_argument("--head-group-size", type=int, default=64, help="group size for lm_head/embedding")
     ex.add_argument(
