@@ -10,19 +10,9 @@ from qcompile.ir.verify import verify
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, get_pass_class
 from qcompile.pipeline.instruments import VerifyIR
 from qcompile.pipeline.manager import PassManager
+from tests.test_pass_manager import MLP
 
 LINEAR = torch.ops.aten.linear.default
-
-
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = torch.nn.Linear(4, 8)
-        self.fc2 = torch.nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 @pytest.fixture

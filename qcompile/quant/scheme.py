@@ -35,8 +35,22 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+class IntegerGrid:
+    """``qmin`` / ``qmax`` of a spec's signed ``bits``-bit grid (:func:`qrange`)."""
+
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits)[1]
+
+
 @dataclass(frozen=True)
-class WeightQuantSpec:
+class WeightQuantSpec(IntegerGrid):
     """Round-to-nearest weight quantization of a linear's W [out, in].
 
     Attributes:
@@ -63,14 +77,6 @@ class WeightQuantSpec:
         if self.clip_search and (1.0 not in self.clip_grid or not all(0 < r <= 1 for r in self.clip_grid)):
             raise ValueError(f"clip_grid must hold 1.0 and factors in (0, 1], got {self.clip_grid}")
 
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits)[1]
-
     def short(self) -> str:
         """``w4g128s``, ``w8cs``, ``w4g64a+clip`` (see the module docstring)."""
         gran = f"g{self.group_size}" if self.group_size else "c"
@@ -79,7 +85,7 @@ class WeightQuantSpec:
 
 
 @dataclass(frozen=True)
-class ActQuantSpec:
+class ActQuantSpec(IntegerGrid):
     """Quantization of a linear's input activation.
 
     Attributes:
@@ -103,14 +109,6 @@ class ActQuantSpec:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits)[1]
 
     def short(self) -> str:
         """``a16``, ``a8ts``, ``a4ps`` (see the module docstring)."""

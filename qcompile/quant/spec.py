@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from qcompile.quant.scheme import ActQuantSpec, WeightQuantSpec, qrange, scheme_string
+from qcompile.quant.scheme import ActQuantSpec, IntegerGrid, WeightQuantSpec, scheme_string
 
 WeightMethod = Literal["rtn", "gptq"]
 WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq")
@@ -104,7 +104,7 @@ class EmbeddingQuantSpec:
 
 
 @dataclass(frozen=True)
-class KVCacheQuantSpec:
+class KVCacheQuantSpec(IntegerGrid):
     """The keys or values entering a KV cache: ``bits``-bit, static, symmetric, one scale per channel
     (kv head × head dim) from calibration ranges (``s = max|x| / 127.5``)."""
 
@@ -116,14 +116,6 @@ class KVCacheQuantSpec:
                 f"a {self.bits}-bit KV cache is not supported; only an {KV_CACHE_BITS}-bit cache (what ONNX "
                 "Runtime's GroupQueryAttention stores per channel) is"
             )
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits)[1]
 
     def scheme(self) -> str:
         """``kv8c``: 8-bit, per channel (kv head × head dim), symmetric, static."""
