@@ -30,15 +30,6 @@ from qcompile.pipeline.targets import Target, register_target
 __all__ = ["REFERENCE_TARGET", "ReferenceOptions", "ReferenceRunner", "run"]
 
 
-def _graph_device(qgraph: QGraph) -> torch.device:
-    """Where the QGraph's constants live (CPU for a graph without constants)."""
-    for t in qgraph.graph_module.buffers():
-        return t.device
-    for t in qgraph.graph_module.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 def _retarget_devices(graph: fx.Graph, src: torch.device, dst: torch.device) -> None:
     """Point every device argument of ``src``'s type at ``dst`` (``cpu`` -> ``cuda:0``, ...)."""
 
@@ -64,7 +55,7 @@ class ReferenceRunner:
     def __init__(self, qgraph: QGraph, device: torch.device | str | None = None) -> None:
         if not isinstance(qgraph, QGraph):
             raise TypeError(f"ReferenceRunner: expected a QGraph, got {type(qgraph).__name__}")
-        src = _graph_device(qgraph)
+        src = qgraph.device
         self.device = torch.device(device) if device is not None else src
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -52,3 +52,23 @@ def tiny_decoder(tiny_model):
     before = qgraph.print_readable()
     yield qgraph
     assert qgraph.print_readable() == before, "a test changed the shared tiny_decoder capture"
+
+
+@pytest.fixture(scope="session")
+def rope_model():
+    """A tiny random Llama with head_dim 16: ORT's GroupQueryAttention rotates in-kernel only for head
+    sizes that are multiples of 16 (``tiny_model``'s is 8), so the ONNX rewrite tests use this one."""
+    from qcompile.tools.models import tiny_llama
+
+    return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="session")
+def rope_decoder(rope_model):
+    """The decode-step QGraph of ``rope_model``, captured once per session and checked unchanged."""
+    from qcompile.frontend.decoder import capture_decoder
+
+    qgraph = capture_decoder(rope_model)
+    before = qgraph.print_readable()
+    yield qgraph
+    assert qgraph.print_readable() == before, "a test changed the shared rope_decoder capture"

@@ -20,7 +20,6 @@ import torch
 import qcompile
 from qcompile.analysis.patterns import is_op
 from qcompile.backends.onnx import ExportOptions, OrtDecoder, SessionOptions
-from qcompile.frontend.decoder import capture_decoder
 from qcompile.ops import GQA_ATTENTION_INT8KV
 from qcompile.passes.fuse_attention import fuse_attention, int8_cache_scales
 from qcompile.pipeline.contract import PassError
@@ -38,39 +37,27 @@ KV8_W4 = {
 }
 
 
-@pytest.fixture(scope="module")
-def model():
-    from qcompile.tools.models import tiny_llama
-
-    return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-@pytest.fixture(scope="module")
-def decoder(model):
-    return capture_decoder(model)
-
-
 def _calibration() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(4)]
 
 
 @pytest.fixture(scope="module")
-def quantized(decoder):
-    layout = decoder.info["decoder"]
+def quantized(rope_decoder):
+    layout = rope_decoder.info["decoder"]
     cal = [(ids, layout.empty(1)) for ids in _calibration()]
-    qm = qcompile.quantize(decoder, KV_RECIPE, calibration=cal, example_inputs=cal[0], progress=False)
+    qm = qcompile.quantize(rope_decoder, KV_RECIPE, calibration=cal, example_inputs=cal[0], progress=False)
     return qm.qgraph
 
 
 @pytest.fixture(scope="module")
-def exported(model, decoder, tmp_path_factory):
+def exported(rope_model, rope_decoder, tmp_path_factory):
     path = tmp_path_factory.mktemp("kv8") / "tiny_kv8.onnx"
     exp = export_decoder(
-        model,
+        rope_model,
         path,
         recipe=KV8_W4,
-        qgraph=decoder,
+        qgraph=rope_decoder,
         calibration=_calibration(),
         options=ExportOptions(accuracy_level=1),
     )
@@ -151,11 +138,11 @@ def test_int8_cache_file_layout(exported):
     assert exp.report.verification is not None and not exp.report.verification["enforced"]
 
 
-def test_ort_int8_cache_matches_the_reference_through_the_cache(exported, decoder):
+def test_ort_int8_cache_matches_the_reference_through_the_cache(exported, rope_decoder):
     """Prefill, three in-place decode steps and a multi-token continuation: ORT's int8 cache holds the
     reference's grid values and its logits match."""
     exp, path = exported
-    layout = decoder.info["decoder"]
+    layout = rope_decoder.info["decoder"]
     graph = exp.qgraph.copy()
     fuse_attention(graph)
     scales = int8_cache_scales(graph)

@@ -17,7 +17,7 @@ from qcompile.backends.onnx.graph_edit import Matcher
 from qcompile.backends.onnx.rewrite import OnnxRewrite
 from qcompile.backends.onnx.target import ONNX_TARGET
 from qcompile.errors import PassError
-from qcompile.frontend.decoder import capture_decoder, example_decoder_inputs
+from qcompile.frontend.decoder import example_decoder_inputs
 from qcompile.ir import keys
 from qcompile.ops.registry import OPS, coverage_table, missing
 from qcompile.pipeline.instruments import DisablePasses, EquivalenceCheck, StopAfter
@@ -29,20 +29,7 @@ LOWERING = ["keep_reference", "fuse_attention", "fold_qdq", "onnx.export", *REWR
 
 
 @pytest.fixture(scope="module")
-def model():
-    """Tiny Llama with head_dim 16, so RoPE can move into GroupQueryAttention too."""
-    from qcompile.tools.models import tiny_llama
-
-    return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-@pytest.fixture(scope="module")
-def decoder(model):
-    return capture_decoder(model)
-
-
-@pytest.fixture(scope="module")
-def dumped(model, decoder, tmp_path_factory):
+def dumped(rope_model, rope_decoder, tmp_path_factory):
     """One export with ``QCOMPILE_DUMP_DIR`` set and every rewrite checked by ``EquivalenceCheck``,
     counting every ONNX file written or read on the way."""
     dump = tmp_path_factory.mktemp("dump")
@@ -57,7 +44,7 @@ def dumped(model, decoder, tmp_path_factory):
                 f"{name}_model",
                 lambda *a, _fn=fn, _n=name, **k: (io.__setitem__(_n, io[_n] + 1), _fn(*a, **k))[1],
             )
-        exp = export_decoder(model, path, recipe=W4A16_G32, qgraph=decoder, instruments=[check])
+        exp = export_decoder(rope_model, path, recipe=W4A16_G32, qgraph=rope_decoder, instruments=[check])
     return exp, path, dump, check, io
 
 
@@ -124,9 +111,9 @@ class _SwapRopeHalves(OnnxRewrite):
 
 
 @pytest.fixture(scope="module")
-def exported(decoder):
+def exported(rope_decoder):
     """The tiny decode step right after ``onnx.export`` (no rewrite yet), and its quantized graph."""
-    quantized = quantize_decoder(decoder, W4A16_G32)
+    quantized = quantize_decoder(rope_decoder, W4A16_G32)
     artifact = qcompile.lower(
         quantized, "onnx", {"max_positions": 64}, instruments=[StopAfter("onnx.export")]
     )
@@ -173,12 +160,12 @@ def test_disabling_one_rewrite_removes_exactly_its_effect(exported, name):
     assert model.print_readable() == before  # the pipelines worked on copies
 
 
-def test_disabling_every_rewrite_by_pattern_keeps_export_and_verification(model, decoder, tmp_path):
+def test_disabling_every_rewrite_by_pattern_keeps_export_and_verification(rope_model, rope_decoder, tmp_path):
     exp = export_decoder(
-        model,
+        rope_model,
         tmp_path / "plain.onnx",
         recipe=W4A16_G32,
-        qgraph=decoder,
+        qgraph=rope_decoder,
         instruments=[DisablePasses(["onnx.*"])],
     )
     assert exp.report.disabled == list(REWRITES)

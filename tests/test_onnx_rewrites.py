@@ -40,36 +40,20 @@ from tests.test_onnx_export import W4A16_G32
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    """Tiny Llama with head_dim 16: ORT's GroupQueryAttention rotates in-kernel only for head sizes
-    that are multiples of 16 (the shared fixture's head_dim is 8)."""
-    from qcompile.tools.models import tiny_llama
-
-    return tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_decoder(tiny_model):
-    from qcompile.frontend.decoder import capture_decoder
-
-    return capture_decoder(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def files(tiny_model, tiny_decoder, tmp_path_factory):
+def files(rope_model, rope_decoder, tmp_path_factory):
     """The tiny Llama's W4A16 decode step written plain and with every rewrite (accuracy level 1)."""
     out = tmp_path_factory.mktemp("opt")
     plain, full = out / "plain.onnx", out / "full.onnx"
     export_decoder(
-        tiny_model,
+        rope_model,
         plain,
         recipe=W4A16_G32,
-        qgraph=tiny_decoder,
+        qgraph=rope_decoder,
         options=ExportOptions(accuracy_level=1),
         instruments=[DisablePasses(["onnx.*"])],  # every ONNX rewrite off: the plain export
     )
     exp = export_decoder(
-        tiny_model, full, recipe=W4A16_G32, qgraph=tiny_decoder, options=ExportOptions(accuracy_level=1)
+        rope_model, full, recipe=W4A16_G32, qgraph=rope_decoder, options=ExportOptions(accuracy_level=1)
     )
     return plain, full, exp
 
@@ -230,7 +214,7 @@ def test_export_verification_measures_the_model_against_the_reference(files):
     assert decoder_error(broken, exp.qgraph) > exp.report.verification["limit"]
 
 
-def test_default_export_applies_every_rewrite_and_matches_the_reference(files, tiny_decoder):
+def test_default_export_applies_every_rewrite_and_matches_the_reference(files, rope_decoder):
     _, full, exp = files
     passes = exp.report.passes
     assert passes["onnx.share_kv_buffer"] == {"count": 3, "input_added": True}  # 2 layers + RoPE's position
@@ -241,7 +225,7 @@ def test_default_export_applies_every_rewrite_and_matches_the_reference(files, t
     assert any(name == PAST_LENGTH_INPUT for name, _, _ in report.inputs)
     assert report.outputs[1][0] == "present.0.key" and report.outputs[1][1][2] == "present_sequence"
     assert report.op_counts["MatMulNBits"] == 8  # 14 linears, q/k/v and gate/up packed; float lm_head
-    layout = tiny_decoder.info["decoder"]
+    layout = rope_decoder.info["decoder"]
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     ref, ref_past = exp.qgraph(ids, layout.empty(2))
     dec = OrtDecoder(full)
@@ -287,12 +271,12 @@ def test_cache_fill_and_limits(files):
         OrtDecoder(plain).new_cache(1, 8)
 
 
-def test_share_kv_buffer_refuses_an_unfused_cache(tiny_model, tiny_decoder, tmp_path):
+def test_share_kv_buffer_refuses_an_unfused_cache(rope_model, rope_decoder, tmp_path):
     path = tmp_path / "unfused.onnx"
     export_decoder(
-        tiny_model,
+        rope_model,
         path,
-        qgraph=tiny_decoder,
+        qgraph=rope_decoder,
         instruments=[DisablePasses(["fuse_attention", "onnx.*"])],
     )
     model = onnx.load(str(path))

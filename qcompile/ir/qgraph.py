@@ -81,6 +81,15 @@ class QGraph:
             flat_out = [flat_out]
         return pytree.tree_unflatten(list(flat_out), self.out_spec)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the constants live (CPU for a graph without constants)."""
+        for t in self.graph_module.buffers():
+            return t.device
+        for t in self.graph_module.parameters():
+            return t.device
+        return torch.device("cpu")
+
     def to(self, device: torch.device | str) -> QGraph:
         """Move every constant to ``device`` (in place on this QGraph, which owns its constants)."""
         self.graph_module.to(device)

@@ -306,14 +306,6 @@ def linear_nodes(qgraph: QGraph) -> list[fx.Node]:
     return [n for n in qgraph.graph.nodes if P.is_linear(n)]
 
 
-def _graph_device(qgraph: QGraph) -> torch.device:
-    for t in qgraph.graph_module.buffers():
-        return t.device
-    for t in qgraph.graph_module.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 def _as_tuple(batch: Any, i: int) -> tuple:
     if isinstance(batch, torch.Tensor):
         return (batch,)
@@ -385,7 +377,7 @@ def calibrate(
             )
         entries[name] = LinearInputObserver(name, int(shape[1] * shape[3]), sample_rows, False)
     interp = _ObservingInterpreter(qgraph.graph_module, observers, seed, entries)
-    device = _graph_device(qgraph)
+    device = qgraph.device
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
             args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _as_tuple(batch, i))
