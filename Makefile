@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch 2.13.0 (a plain `torch` requirement would pull a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,onnx]'
+	$(PY) -m pip install -q -e '.[dev,onnx,triton]'
 	touch $(STAMP)
 
 demo: $(STAMP)
