@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Every pipeline in the tests checks the IR after each pass (qcompile.ir.verify).
 os.environ.setdefault("QCOMPILE_VERIFY_IR", "1")
+# Triton kernels run on CPU tensors through Triton's interpreter (set before triton is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

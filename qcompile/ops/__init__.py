@@ -24,9 +24,18 @@ from qcompile.ops.quant import (
     dequantize,
     quantize,
 )
-from qcompile.ops.registry import OPS, OpDef, coverage, coverage_table, implementation, register_impl
+from qcompile.ops.registry import (
+    OPS,
+    KernelImpl,
+    OpDef,
+    coverage,
+    coverage_table,
+    implementation,
+    register_impl,
+)
 
 __all__ = [
+    "KernelImpl",
     "CHOOSE_QPARAMS_PER_TOKEN",
     "DEQUANTIZE",
     "GQA_ATTENTION",

@@ -37,6 +37,29 @@ class OpDef:
     module: str  # where the op (reference and fake) is defined
 
 
+@dataclass(frozen=True)
+class KernelImpl:
+    """How a kernel backend (``"triton"``, ``"cpu"``) realises one registry op in a graph.
+
+    A lowering pass replaces each call of the registry op by a call of ``op``. The call's arguments
+    arrive as a dict keyed by the registry op's schema names: constants (weights, scales, zero
+    points, bias) as tensors, runtime inputs as opaque placeholders (fx nodes) that must be passed
+    through unchanged, ints / bools / None as themselves.
+
+    Attributes:
+        op: the kernel's torch op (a ``torch.library.triton_op`` or ``custom_op``, or an aten op).
+        prepare: ``args -> kwargs of op``: repacks the constants into the kernel's layout once, at
+            lowering (the repacked tensors become the graph's new constants) and passes the
+            runtime inputs through.
+        supports: ``(args, device) -> None`` when the kernel handles this call, else the reason it
+            does not (the call then keeps the reference implementation and the pass reports why).
+    """
+
+    op: Any
+    prepare: Callable[[dict[str, Any]], dict[str, Any]]
+    supports: Callable[[dict[str, Any], torch.device], str | None]
+
+
 OPS: dict[str, OpDef] = {}
 # backend name -> op name -> the backend's implementation (its meaning is the backend's own)
 _IMPLS: dict[str, dict[str, Any]] = {}
