@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Literal
 
 import torch.fx as fx
 
+from qcompile.analysis import patterns as P
 from qcompile.analysis.structure import AttentionSite, EmbeddingSite, LinearRole, LinearSite, Structure
 from qcompile.ir import QGraph, keys
 from qcompile.pipeline import facts
@@ -186,6 +187,15 @@ class AnnotatePass(Pass):
         linears, excluded = self._decide_linears(st)
         embeddings = self._embedding_sites(st)
         kv = self._kv_entries(st, by_name)
+        unrecognised = [n.name for n in qgraph.graph.nodes if P.is_unrecognised_linear(n)]
+        if not linears and unrecognised:
+            raise PassError(
+                self.name,
+                f"no linear to quantize, but {len(unrecognised)} matrix products with constant weights "
+                f"are in a form the compiler does not take as a linear layer ({', '.join(unrecognised[:5])}"
+                f"{', …' if len(unrecognised) > 5 else ''}): the recipe would return a float model",
+                node=unrecognised[0],
+            )
         if not (linears or embeddings or kv):
             opts = self.options
             raise PassError(
@@ -197,6 +207,7 @@ class AnnotatePass(Pass):
             )
         embedding_rows, cache_rows = self._write(qgraph, by_name, linears, embeddings, kv)
         report = _report(self.options.overrides, st, linears, excluded, embedding_rows, cache_rows)
+        report["unrecognised"] = unrecognised
         return PassResult(qgraph, changed=False, report=report, summary=_summary(report))
 
     def _write(
@@ -384,6 +395,11 @@ def _summary(report: dict[str, Any]) -> str:
     lines = [f"{report['annotated']} linears annotated: {schemes}; left float: {excluded}"]
     for o in report["overrides"]:
         lines.append(f"  overrides[{o['override']}] ({o['selects']}): {o['linears']} linears")
+    if report.get("unrecognised"):
+        lines.append(
+            f"  WARNING: {len(report['unrecognised'])} matrix products with constant weights are not linears "
+            f"the compiler quantizes and stay float: {', '.join(report['unrecognised'][:5])}"
+        )
     if report["embedding"]:
         lines.append(f"  embedding: {', '.join(e['node'] + ' ' + e['scheme'] for e in report['embedding'])}")
     if report["kv_cache"]:

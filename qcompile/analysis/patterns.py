@@ -61,6 +61,29 @@ def is_linear(node: object) -> bool:
     return is_constant(args[1]) and (bias is None or is_constant(bias))
 
 
+# Products with a weight-shaped operand that are not (yet) an ``aten.linear``: capture rewrites the
+# ``mm`` / ``addmm`` linear layers (qcompile.frontend.linear_forms); what is left is reported.
+MATMUL_OPS = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.matmul.default,
+    aten.baddbmm.default,
+}
+
+
+def is_unrecognised_linear(node: object) -> bool:
+    """A matrix product with a constant operand of rank >= 2 that is not an ``aten.linear``: a
+    linear layer in a form the compiler does not quantize (it stays float, and passes say so)."""
+    if not is_op(node, MATMUL_OPS):
+        return False
+    return any(
+        is_constant(a) and len(val_shape(a)) >= 2
+        for a in node.args  # type: ignore[union-attr]
+        if isinstance(a, fx.Node)
+    )
+
+
 def linear_bias(node: fx.Node) -> fx.Node | None:
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
 

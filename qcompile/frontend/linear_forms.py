@@ -1,0 +1,155 @@
+"""Every linear form becomes one ``aten.linear``: the normal form every pass and lowering reads.
+
+Models write a linear layer in several ways, and ``torch.export`` keeps them apart:
+
+- ``nn.Linear`` / ``F.linear``: ``aten.linear(x, W[out, in], b)`` — the normal form;
+- GPT-2's ``Conv1D`` (and hand-written layers): ``addmm(b, x2d, W[in, out])`` on a flattened input,
+  or ``mm(x2d, W[in, out])`` without a bias; ``x @ W`` with a 2-D constant: ``matmul(x, W[in, out])``;
+- ``x @ W.t()`` with ``W[out, in]``: ``mm(x2d, t(W))``, ``addmm(b, x2d, t(W))``, ``matmul(x, t(W))``.
+
+:func:`canonicalize_linears` rewrites the last two into ``aten.linear`` while capture normalises the
+graph (both front doors), so the analysis, the passes and the lowerings know one form. A weight stored
+``[in, out]`` is transposed once into a contiguous ``[out, in]`` constant; when the addmm/mm is the
+only reader of that constant, the constant itself is replaced (same name), otherwise a new constant
+``<name>_linear`` is added and the original keeps its other readers. The rewrite is the same
+function: ``addmm(b, x, W) = x @ W + b = linear(x, Wᵀ, b)``, the same products; only the order in
+which the BLAS sums them may change with the weight's layout, so float32 outputs agree to rounding
+(tests/test_linear_forms.py: within K·eps of float32 on a hand-written model, bit for bit on GPT-2).
+
+Left alone (they are not a linear layer, or not one with constant parameters): ``addmm`` with
+``beta`` / ``alpha`` other than 1, a bias that is not a constant vector of ``out`` elements, a weight
+that is computed rather than stored, and ``bmm`` / batched matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+def _resolve(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_buffer(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    path, _, name = target.rpartition(".")
+    owner = _resolve(gm, path) if path else gm
+    if name in owner._parameters:
+        del owner._parameters[name]
+    owner.register_buffer(name, value, persistent=True)
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _resolve(gm, str(node.target))
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.transpose.int:
+        dims = sorted(d % 2 for d in node.args[1:3])
+        return dims == [0, 1]
+    return node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]
+
+
+def _weight_out_in(gm: fx.GraphModule, mat2: Any) -> tuple[str, fx.Node] | None:
+    """How ``mat2`` (the ``[in, out]`` operand of mm/addmm) gives an ``[out, in]`` weight:
+    ``("direct", W)`` when it is ``t(W)`` of a constant ``W[out, in]``, ``("transpose", W)`` when it is
+    a constant ``[in, out]`` itself; None when it is not a stored weight."""
+    if not isinstance(mat2, fx.Node):
+        return None
+    if mat2.op == "call_function" and mat2.target in _TRANSPOSES and _is_2d_transpose(mat2):
+        src = mat2.args[0]
+        value = _constant(gm, src)
+        if value is not None and value.dim() == 2:
+            return "direct", src
+        return None
+    value = _constant(gm, mat2)
+    if value is not None and value.dim() == 2:
+        return "transpose", mat2
+    return None
+
+
+def _transposed_weight(gm: fx.GraphModule, weight: fx.Node, readers: set[fx.Node]) -> fx.Node:
+    """A get_attr of ``weight``'s constant transposed to ``[out, in]``, contiguous: the constant is
+    replaced in place when ``readers`` are all its users, else a new constant is added."""
+    value = _resolve(gm, str(weight.target))
+    transposed = value.detach().t().contiguous()
+    if set(weight.users) <= readers:
+        _set_buffer(gm, str(weight.target), transposed)
+        weight.meta["val"] = transposed.to("meta")
+        return weight
+    target = f"{weight.target}_linear"
+    _set_buffer(gm, target, transposed)
+    with gm.graph.inserting_after(weight):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = transposed.to("meta")
+    return node
+
+
+def canonicalize_linears(gm: fx.GraphModule) -> int:
+    """Rewrite every ``mm`` / ``addmm`` / ``matmul`` that is a linear layer with constant parameters into
+    ``aten.linear`` (module docstring); returns how many. In place on ``gm`` (capture's private copy)."""
+    graph = gm.graph
+    candidates: list[tuple[fx.Node, Any, Any, fx.Node | None]] = []  # node, x, mat2, bias
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.mm.default:
+            candidates.append((node, node.args[0], node.args[1], None))
+        elif node.target is aten.matmul.default:
+            x = node.args[0]
+            val = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if val is not None and val.dim() >= 2:  # a 1-D x makes matmul a vector product
+                candidates.append((node, x, node.args[1], None))
+        elif node.target is aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+            bias = node.args[0]
+            candidates.append((node, node.args[1], node.args[2], bias))
+    # every mm/addmm reading a [in, out] constant, grouped by that constant (to replace it in place)
+    plans: list[tuple[fx.Node, Any, str, fx.Node, fx.Node | None]] = []
+    readers: dict[fx.Node, set[fx.Node]] = {}
+    for node, x, mat2, bias in candidates:
+        form = _weight_out_in(gm, mat2)
+        if form is None:
+            continue
+        kind, weight = form
+        out_features = _resolve(gm, str(weight.target)).shape[0 if kind == "direct" else 1]
+        if bias is not None:
+            b = _constant(gm, bias)
+            if b is None or b.dim() != 1 or b.shape[0] != out_features:
+                continue
+        plans.append((node, x, kind, weight, bias))
+        if kind == "transpose":
+            readers.setdefault(weight, set()).add(node)
+    transposed: dict[fx.Node, fx.Node] = {}
+    for node, _, kind, weight, bias in plans:
+        if kind == "transpose":
+            if weight not in transposed:
+                transposed[weight] = _transposed_weight(gm, weight, readers[weight])
+            w = transposed[weight]
+        else:
+            w = weight
+        x = node.args[1] if node.target is aten.addmm.default else node.args[0]  # as rewritten so far
+        args = (x, w) if bias is None else (x, w, bias)
+        with graph.inserting_before(node):
+            linear = graph.call_function(aten.linear.default, args)
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return len(plans)
