@@ -13,9 +13,10 @@ things:
 - **M ≤ 8, split-K GEMV** (:func:`_wo_gemv_kernel`): decoding reads every weight once per token,
   so the time is the weight bytes over the memory bandwidth. One program owns ``BLOCK_N`` outputs of a
   ``k_split`` slice of K for all M rows: it dequantizes its weight tile once and reuses it for every
-  row (a broadcast multiply and a ``tl.sum`` per row; no tensor cores, which would waste ≥ 15/16 of
-  an MMA at M = 1). Splitting K gives the GPU enough programs when N is small (SmolLM2's 576 outputs
-  are 5 tiles of 128 — a few percent of an H100 — without it).
+  row (at M = 1 elementwise FMAs into a ``[BLOCK_K, BLOCK_N]`` accumulator reduced once at the end;
+  for more rows a broadcast multiply and a ``tl.sum`` per row and K step; no tensor cores, which would
+  waste ≥ 15/16 of an MMA at M = 1). Splitting K gives the GPU enough programs when N is small
+  (SmolLM2's 576 outputs are 5 tiles of 128 — a few percent of an H100's SMs — without it).
 
   The split-K partial sums go through a **second reduction pass** (:func:`_splitk_reduce_kernel`),
   not atomics: the sum over the splits is then in a fixed order, so the output is bit-reproducible
@@ -221,6 +222,10 @@ def _wo_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # M = 1: elementwise FMAs into a [BLOCK_K, BLOCK_N] accumulator, reduced over K once at the end (a
+    # cross-warp reduction per K step would dominate a GEMV). M > 1: one reduction per row and step,
+    # the dequantized tile shared by the rows (a [BLOCK_M, BLOCK_K, BLOCK_N] accumulator would not fit).
+    acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_split
     k_end = tl.minimum(k_begin + k_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -229,11 +234,17 @@ def _wo_gemv_kernel(
             w_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, N, K, BITS, GS, HAS_ZP, ZP_DEFAULT, BLOCK_K
         )
         w = round_to(w, s_ptr.dtype.element_ty).to(tl.float32)  # Ŵ rounded as the reference rounds it
-        for m in tl.static_range(BLOCK_M):
-            row_ok = tl.full((BLOCK_K,), m, tl.int32) < M  # rows past M load zeros (never stored)
-            x_m = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & row_ok, other=0.0)
-            row = tl.sum(x_m.to(tl.float32)[:, None] * w, axis=0)
-            acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+        if BLOCK_M == 1:
+            x_0 = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+            acc_k += x_0.to(tl.float32)[:, None] * w
+        else:
+            for m in tl.static_range(BLOCK_M):
+                row_ok = tl.full((BLOCK_K,), m, tl.int32) < M  # rows past M load zeros (never stored)
+                x_m = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & row_ok, other=0.0)
+                row = tl.sum(x_m.to(tl.float32)[:, None] * w, axis=0)
+                acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=0)[None, :]
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     if FUSE_EPILOGUE:
