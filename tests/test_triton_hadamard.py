@@ -19,10 +19,19 @@ import torch
 
 pytest.importorskip("triton")
 
-from qcompile.backends.triton import hadamard  # noqa: E402
 from qcompile.ops import HADAMARD, KernelImpl  # noqa: E402
 from qcompile.ops.registry import implementation  # noqa: E402
 from qcompile.quant.hadamard import online_plan, plan_from_op_args, plan_matrix  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hadamard():
+    """The kernel module, imported by the first test that uses it, not at collection: importing it
+    registers the ``"triton"`` backend in the op registry, and the checked-in docs/ops.md (compared by
+    tests/test_docs.py, which runs earlier) has no triton column yet."""
+    from qcompile.backends.triton import hadamard
+
+    return hadamard
 
 
 def assert_matches_reference(out, ref):
@@ -34,6 +43,8 @@ def assert_matches_reference(out, ref):
 
 
 def run_triton(x, n, block, k):
+    from qcompile.backends.triton import hadamard  # noqa: F401  (registers the implementation)
+
     impl = implementation("triton", HADAMARD)
     args = {"x": x, "n": n, "block": block, "k": k}
     assert impl.supports(args, x.device) is None
@@ -99,21 +110,21 @@ def test_empty_rows():
         (torch.randn(2, 2**15), 2**15, 2**15, 1, "register tile"),
     ],
 )
-def test_wrapper_errors_name_the_kernel(x, n, block, k, message):
+def test_wrapper_errors_name_the_kernel(hadamard, x, n, block, k, message):
     h_k = torch.ones(k, k)
     with pytest.raises(ValueError, match="qcompile_triton::hadamard") as info:
         hadamard.HADAMARD_TRITON(x, h_k, n, block, k)
     assert message in str(info.value)
 
 
-def test_wrong_k_matrix_is_refused():
+def test_wrong_k_matrix_is_refused(hadamard):
     with pytest.raises(
         ValueError, match=r"qcompile_triton::hadamard: h_k must be the contiguous float32 \[12, 12\]"
     ):
         hadamard.HADAMARD_TRITON(torch.randn(2, 24), torch.ones(12, 12, dtype=torch.float64), 24, 24, 12)
 
 
-def test_supports():
+def test_supports(hadamard):
     impl = implementation("triton", HADAMARD)
     assert isinstance(impl, KernelImpl) and impl.op is hadamard.HADAMARD_TRITON
     node = torch.fx.Graph().placeholder("x")
@@ -131,7 +142,21 @@ def test_supports():
     assert prepared["x"] is node and prepared["h_k"].shape == (36, 36)
 
 
-def test_fake_shapes():
+def test_gpu_autotune_pruning(hadamard):
+    """The GPU's configs (the interpreter runs one) pruned by tile size, registers per thread and rows,
+    with the autotuner's calling convention (the constexprs arrive as keywords)."""
+    gpu = hadamard.configs(interpret=False)
+    mid = hadamard.prune_configs(gpu, {"ROWS_BUCKET": 1024}, KP=64, P=16)  # 576 = 36·16
+    assert (
+        mid and len(mid) < len(gpu) and all(c.kwargs["BLOCK_ROWS"] * 1024 <= hadamard.MAX_TILE for c in mid)
+    )
+    big = hadamard.prune_configs(gpu, {"ROWS_BUCKET": 1024}, KP=256, P=64)  # 11008 = 172·64
+    assert big and all(c.kwargs["BLOCK_ROWS"] == 1 and c.num_warps >= 4 for c in big)
+    few = hadamard.prune_configs(gpu, {"ROWS_BUCKET": 2}, KP=1, P=64)
+    assert few and all(c.kwargs["BLOCK_ROWS"] <= 2 for c in few)
+
+
+def test_fake_shapes(hadamard):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:

@@ -27,12 +27,22 @@ import torch
 
 pytest.importorskip("triton")
 
-from qcompile.backends.triton import layout, wo_linear  # noqa: E402
+from qcompile.backends.triton import layout  # noqa: E402
 from qcompile.ops import QLINEAR_W, KernelImpl  # noqa: E402
 from qcompile.ops.registry import implementation  # noqa: E402
 from qcompile.quant import packing  # noqa: E402
 
 N_ODD = 37
+
+
+@pytest.fixture(scope="module")
+def wo_linear():
+    """The kernel module, imported by the first test that uses it, not at collection: importing it
+    registers the ``"triton"`` backend in the op registry, and the checked-in docs/ops.md (compared by
+    tests/test_docs.py, which runs earlier) has no triton column yet."""
+    from qcompile.backends.triton import wo_linear
+
+    return wo_linear
 
 
 def quantized_linear(n, k, bits, group, asym, dtype, storage, seed=0):
@@ -79,6 +89,8 @@ def assert_matches_reference(out, ref):
 
 
 def run_triton(args):
+    from qcompile.backends.triton import wo_linear  # noqa: F401  (registers the implementation)
+
     impl = implementation("triton", QLINEAR_W)
     assert impl.supports(args, args["x"].device) is None
     return impl.op(**impl.prepare(args))
@@ -118,7 +130,7 @@ def test_leading_dims_and_row_stride(lead):
     assert_matches_reference(out, QLINEAR_W(**args))
 
 
-def test_split_k_heuristic():
+def test_split_k_heuristic(wo_linear):
     """The GEMV's K slices align with the tiles, stay within the cap and the partials' traffic bound,
     and the test shapes do take both GEMV branches (split + reduction, and one split)."""
     cpu = torch.device("cpu")
@@ -129,6 +141,17 @@ def test_split_k_heuristic():
         assert splits == 1 or 2 * 4 * splits * m * n <= (n * k * bits / 8) / 4  # partials <= 1/4 of weights
     assert math.ceil(576 / wo_linear.split_k_chunk(1, N_ODD, 576, 4, cpu)) > 1
     assert math.ceil(96 / wo_linear.split_k_chunk(1, N_ODD, 96, 8, cpu)) == 1
+
+
+def test_gpu_autotune_configs_and_pruning(wo_linear):
+    """The GPU's config lists (the interpreter runs one config) and their pruning, with the autotuner's
+    calling convention: positional arguments as a dict, the rest as keywords."""
+    gemm = wo_linear.gemm_configs(interpret=False)
+    small = wo_linear.prune_gemm_configs(gemm, {}, M_BUCKET=16)
+    assert small and len(small) < len(gemm) and all(c.kwargs["BLOCK_M"] <= 16 for c in small)
+    assert wo_linear.prune_gemm_configs(gemm, {"M_BUCKET": 256}) == gemm
+    gemv = wo_linear.gemv_configs(interpret=False)
+    assert len(gemv) > 1 and all(wo_linear.SPLIT_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in gemv)
 
 
 # ---- layout ---------------------------------------------------------------------------------------------
@@ -163,7 +186,7 @@ def test_repack_round_trip(bits, group, storage, asym):
 # ---- the wrapper's and supports' errors -------------------------------------------------------------------
 
 
-def _kernel_inputs():
+def _kernel_inputs(wo_linear):
     x = torch.randn(2, 96)
     kw = wo_linear.prepare_qlinear_w(qlinear_args(x, N_ODD, 96, 4, 64, True, True, None))
     return kw
@@ -187,17 +210,17 @@ def _kernel_inputs():
         (lambda kw: kw.update(scales=kw["scales"].t().contiguous().t()), "scales must be contiguous"),
     ],
 )
-def test_wrapper_errors_name_the_kernel(change, message):
-    kw = _kernel_inputs()
+def test_wrapper_errors_name_the_kernel(wo_linear, change, message):
+    kw = _kernel_inputs(wo_linear)
     change(kw)
     with pytest.raises(ValueError, match="qcompile_triton::qlinear_w") as info:
         wo_linear.QLINEAR_W_TRITON(**kw)
     assert message in str(info.value)
 
 
-def test_wrapper_device_errors():
+def test_wrapper_device_errors(wo_linear):
     """Checked in the wrapper (a meta tensor among the op's inputs dispatches to the fake instead)."""
-    kw = _kernel_inputs()
+    kw = _kernel_inputs(wo_linear)
     with pytest.raises(ValueError, match="qcompile_triton::qlinear_w: bias is on meta, x on cpu"):
         wo_linear.check_inputs(**{**kw, "bias": kw["bias"].to("meta")})
     kw = {key: v.to("meta") if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
@@ -205,7 +228,7 @@ def test_wrapper_device_errors():
         wo_linear.check_inputs(**kw)
 
 
-def test_supports():
+def test_supports(wo_linear):
     impl = implementation("triton", QLINEAR_W)
     assert isinstance(impl, KernelImpl) and impl.op is wo_linear.QLINEAR_W_TRITON
     args = qlinear_args(torch.randn(1, 96), N_ODD, 96, 4, 64, True, True, None)
@@ -226,11 +249,11 @@ def test_supports():
     assert prepared["x"] is node and prepared["w"].dtype == torch.int32
 
 
-def test_fake_shapes():
+def test_fake_shapes(wo_linear):
     """The fake gives the output shape under FakeTensorMode (no kernel runs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    kw = _kernel_inputs()
+    kw = _kernel_inputs(wo_linear)
     with FakeTensorMode() as mode:
         fake = {key: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
         fake["x"] = mode.from_tensor(torch.randn(4, 5, 96))

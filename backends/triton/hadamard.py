@@ -45,8 +45,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TILE = 16384  # KP · P elements of one segment: 64 fp32 registers per thread at 8 warps
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:
+def configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_ROWS": 4}, num_warps=1)]
     return [
         triton.Config({"BLOCK_ROWS": rows}, num_warps=warps)
@@ -55,18 +55,24 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles of at most MAX_TILE elements and no taller than the rows there are."""
-    seg = named_args["KP"] * named_args["P"]
-    rows = named_args["ROWS_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_ROWS"] * seg <= MAX_TILE and c.kwargs["BLOCK_ROWS"] <= rows]
-    return kept or configs[:1]
+def prune_configs(candidates, named_args, **kwargs):
+    """Keep tiles of at most MAX_TILE elements, at most 128 fp32 values per thread (more spills), and no
+    taller than the rows there are. The autotuner passes positional arguments in ``named_args`` and
+    keyword ones (the constexprs) as ``kwargs``."""
+    args = {**named_args, **kwargs}
+    seg, rows = args["KP"] * args["P"], args["ROWS_BUCKET"]
+
+    def fits(c: triton.Config) -> bool:
+        tile = c.kwargs["BLOCK_ROWS"] * seg
+        return tile <= MAX_TILE and tile <= 128 * 32 * c.num_warps and c.kwargs["BLOCK_ROWS"] <= rows
+
+    return [c for c in candidates if fits(c)] or candidates[:1]
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=configs(),
     key=["K", "P", "ROWS_BUCKET"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def _hadamard_kernel(

@@ -39,6 +39,7 @@ kernel has a single small config: the interpreter runs every program in Python, 
 would only multiply its cost.
 """
 
+import functools
 import math
 import os
 
@@ -82,8 +83,8 @@ def runtime_dtype(value: object) -> torch.dtype | None:
 # ---- autotune configs ----------------------------------------------------------------------------------
 
 
-def _gemv_configs() -> list[triton.Config]:
-    if INTERPRET:
+def gemv_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=1)]
     shapes = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K <= SPLIT_ALIGN
         (32, 128, 2, 3),
@@ -98,8 +99,8 @@ def _gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in shapes]
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:
+def gemm_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=1)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
         (16, 64, 128, 4, 4),
@@ -119,9 +120,10 @@ def _gemm_configs() -> list[triton.Config]:
     ]
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop row tiles much taller than the bucket of M (all padding, half the tensor cores idle)."""
-    bucket = named_args["M_BUCKET"]
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop row tiles much taller than the bucket of M (all padding, half the tensor cores idle). The
+    autotuner passes positional arguments in ``named_args`` and keyword ones as ``kwargs``."""
+    bucket = {**named_args, **kwargs}["M_BUCKET"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket)]
     return kept or configs[:1]
 
@@ -190,7 +192,7 @@ def _dequant_tile(
     return (q - z).to(tl.float32) * s
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BLOCK_M", "BITS", "GS"])
+@triton.autotune(configs=gemv_configs(), key=["N", "K", "BLOCK_M", "BITS", "GS"])
 @triton.jit
 def _wo_gemv_kernel(
     x_ptr,
@@ -272,9 +274,9 @@ def _splitk_reduce_kernel(
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=gemm_configs(),
     key=["N", "K", "M_BUCKET", "BITS", "GS"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
 )
 @triton.jit
 def _wo_gemm_kernel(
@@ -409,6 +411,7 @@ def _kernel_group(group_size: int, in_features: int) -> int:
     return group_size if group_size > 0 else triton.next_power_of_2(max(in_features, SPLIT_ALIGN))
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
