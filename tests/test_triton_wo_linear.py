@@ -4,8 +4,9 @@ registry's reference ``qcompile::qlinear_w``, on CPU tensors through Triton's in
 
 Shapes are small (the interpreter runs each program in Python) but cover what the kernels branch on:
 M = 1 and 3 (split-K GEMV, with and without the reduction pass, a padded row block) and 17 (GEMM);
-ragged groups (K = 576 = 4·128 + 64, K = 96 = 64 + 32); odd N = 37 (a partial n tile); group 32 (a
-scale row per K row: smaller than the tile) and per-channel int8; int4, int8 blocked and plain;
+ragged groups (K = 576 = 4·128 + 64, K = 96 = 64 + 32, K = 100 = 3·32 + 4 with a half-used int32
+word); odd N = 37 (a partial n tile); groups smaller than the K tile (32) or not dividing it (48,
+plain int8): a scale row per K row; per-channel int8; int4, int8 blocked and plain;
 symmetric and asymmetric; bias or not; fp32, fp16, bf16.
 
 Tolerances. The kernel's dequantized Ŵ is bit-identical to the reference's (same integer ``q - zp``,
@@ -105,6 +106,8 @@ CASES = [  # (M, K, bits, group, asym, bias, dtype, int8 storage)
     (3, 96, 8, 64, False, True, torch.float32, "plain"),
     (17, 576, 8, 128, False, False, torch.float32, "blocked"),
     (17, 96, 8, 0, True, True, torch.float32, "plain"),  # per output channel
+    (17, 96, 8, 48, True, False, torch.float32, "plain"),  # a group that is no power of two
+    (3, 100, 4, 32, True, True, torch.float32, None),  # K % 8 = 4: the last int32 word half used
     (3, 576, 4, 32, True, True, torch.bfloat16, None),  # groups smaller than the K tile
     (17, 576, 4, 32, True, True, torch.bfloat16, None),
     (3, 96, 8, 64, True, True, torch.float16, "blocked"),
