@@ -13,9 +13,10 @@ Tolerances. The kernel's dequantized Ŵ is bit-identical to the reference's (sam
 one fp32 multiply by the scale, one rounding to the scale's dtype), so the outputs differ only by
 the order of the fp32 accumulation:
 
-- fp32: ``|out - ref| <= 1e-5 · (|ref| + max|ref|)``. The rounding error of a length-K fp32 dot
-  product grows like √K·ε·Σ|x_k w_k| in practice (ε = 1.2e-7, K ≤ 576: ~3e-6 of the terms'
-  magnitude, measured ≤ 5e-7 of max|ref|); a wrong nibble, group index or scale row is ≥ 1e-3.
+- fp32: ``|out - ref| <= 1e-5 · (|ref| + max|ref|)``. Two fp32 sums of the same K products, rounded
+  in different orders, differ by at most ~K·ε·Σ|x_k w_k| and in practice by a random walk of ~√K
+  roundings: for K ≤ 576, √576·ε ≈ 3e-6 of the terms' magnitude (ε = 1.2e-7; measured ≤ 5e-7 of
+  max|ref|). A wrong nibble, group index or scale row errs by ≥ 1e-3.
 - fp16 / bf16: one unit in the last place of the output's scale, ``eps(dtype) · (|ref| + max|ref|)``:
   both sides accumulate in fp32 and round once to the half type (CPU's addmm may round before adding
   the bias: ≤ ½ ulp more).
