@@ -10,8 +10,10 @@ One program owns ``BLOCK_ROWS`` segments and keeps them in registers as a ``[BLO
 tile (``KP`` = K rounded up to a power of two, the padding rows masked):
 
 1. the K mix first, straight from memory: ``acc[:, i, :] += H_K[j, i] · x[:, j, :]`` for j < K, each
-   x row read once (K = 1, the pure power-of-two case, just loads the tile); O(K²·P) FMAs, nothing for
-   a tensor core to win at K ≤ 172;
+   x row read once (K = 1, the pure power-of-two case, just loads the tile). That is O(K²·P) FMAs on
+   CUDA cores, exact in fp32; at K = 12–36 (the hidden sizes that need a K) it is small next to the
+   memory traffic. At K = 108–172 a ``tl.dot`` would likely pay off (tensor cores, fp32 via 3xTF32) —
+   not done until a GPU measurement says so;
 2. the FWHT along P in log₂ P identical stages, the *constant-geometry* form (Pease 1968): split the
    row into halves a, b and interleave ``(a + b, a − b)``. Each stage moves the top index bit to the
    bottom and applies H_2 to it, so after log₂ P stages every bit has had its H_2 and is back in
