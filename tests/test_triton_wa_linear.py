@@ -1,0 +1,329 @@
+"""Triton integer-activation linears (``backends/triton/wa_linear.py``) against the registry's torch
+reference, on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest).
+
+What must be exact: the activation quantizer (int8 values, scales, zero points: bit for bit the
+reference ``choose_qparams_per_token`` + ``quantize``), the int32 accumulator, and the fused op
+against the unfused pair (the same integers and the same fp32 epilogue). The float output is checked
+against ``qcompile::qlinear_wa`` within a bound derived from both sides' rounding (:func:`_bound`).
+Shapes are small and ragged: M = 1, 3, 17; N = 37; K = 96 (three 32-wide interpreter K tiles, one
+of them past K for K = 97) and K = 576 = 4·128 + 64 for the grouped W4A8 of QQQ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qcompile.backends.triton import wa_linear as T  # noqa: E402
+from qcompile.ops.registry import implementation  # noqa: E402
+from qcompile.quant.packing import pack_int4_weight, pack_int8_blocked  # noqa: E402
+from qcompile.quant.rtn import dequantize_ref  # noqa: E402
+
+Q = torch.ops.qcompile
+N = 37
+A8, A4 = (-128, 127), (-8, 7)
+
+
+def _reference_quant(x, grid, symmetric):
+    scale, zp = Q.choose_qparams_per_token(x, *grid, symmetric)
+    return Q.quantize(x, scale, zp, *grid, 0), scale, zp
+
+
+def _activations(m, k, dtype, seed, lead=()):
+    """Random rows with an outlier channel (the per-token scale is set by it) and a positive shift
+    (asymmetric zero points far from 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=gen) + 0.7
+    x[..., k // 3] *= 9.0
+    return x.to(dtype)
+
+
+def _weight(k, bits, group_size, seed, dtype=torch.float32):
+    """(registry storage w, w_scale, q int8 [N, K]): full-range random q, positive scales in dtype.
+    4-bit with a block-sized group is MatMulNBits-packed as fold_qdq packs it; else int8 q."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    q = torch.randint(lo, hi, (N, k), generator=gen, dtype=torch.int8)
+    groups = 1 if group_size == 0 else -(-k // group_size)
+    scale = (torch.rand(N, groups, generator=gen) * 0.02 + 0.001).to(dtype)
+    if bits == 4 and group_size >= 16:
+        return pack_int4_weight(q, group_size), scale, q, 4
+    return q, scale, q, 8
+
+
+def _bound(xq, xs, xz, q, ws, group_size, bias, ref):
+    """|kernel − reference| allowed, elementwise. Both sides rest on the exact integer products; the
+    reference rounds x̂ and ŵ to the dtype (u_d each) and sums K products in fp32 (≤ K·u₃₂·Σ|x̂ŵ|,
+    the standard dot-product bound), the kernel rounds only its fp32 epilogue (int32 → fp32, two
+    scales, the bias, G partial sums for groups); both round the output to the dtype (u_d·|y|)."""
+    dtype = ref.dtype
+    u_d, u32 = torch.finfo(dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    k = q.shape[1]
+    groups = ws.shape[1]
+    zp = xz if xz is not None else torch.zeros_like(xs, dtype=torch.int8)
+    x_hat = dequantize_ref(xq, xs.double(), zp, 0)
+    w_hat = dequantize_ref(q, ws.double(), torch.zeros(ws.shape, dtype=torch.int8), group_size)
+    mag = x_hat.abs() @ w_hat.abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    return (2 * u_d + (k + groups + 8) * u32) * mag + 2 * u_d * ref.double().abs()
+
+
+def _assert_within(out, ref, bound):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    err = (out.double() - ref.double()).abs()
+    worst = float((err / bound).max())
+    assert worst <= 1.0, f"max error {float(err.max()):.3g} is {worst:.2f}× the rounding bound"
+
+
+def _run_prepared(impl, args):
+    return impl.op(**impl.prepare(args))
+
+
+# ---- the activation quantizer: bit for bit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("grid", "symmetric"), [(A8, True), (A8, False), (A4, True), (A4, False)])
+def test_quantize_per_token_is_bit_exact(dtype, grid, symmetric):
+    x = _activations(17, 97, dtype, seed=1)
+    x[2] = 0.0  # an all-zero row: scale 1, exact zeros
+    # a row whose scale is exactly 1 for every grid: x / s lands on .5 ties (round half to even)
+    half = (grid[1] - grid[0]) / 2
+    x[3] = torch.arange(97, dtype=torch.float32).remainder(9) - 4.5
+    x[3, 0], x[3, 1] = half, -half
+    xq, scale, zp = T.quantize_per_token(x, *grid, symmetric)
+    ref_q, ref_s, ref_z = _reference_quant(x, grid, symmetric)
+    assert xq.dtype == torch.int8 and scale.dtype == dtype and zp.dtype == torch.int8
+    assert torch.equal(scale, ref_s) and torch.equal(zp, ref_z)
+    assert torch.equal(xq, ref_q)
+
+
+def test_quantize_per_token_keeps_leading_dims():
+    x = _activations(3, 96, torch.float32, seed=2, lead=(2,))
+    xq, scale, zp = T.quantize_per_token(x, *A8, False)
+    ref_q, ref_s, ref_z = _reference_quant(x, A8, False)
+    assert xq.shape == (2, 3, 96) and scale.shape == (2, 3, 1)
+    assert torch.equal(xq, ref_q) and torch.equal(scale, ref_s) and torch.equal(zp, ref_z)
+
+
+# ---- the integer accumulator: exact --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize(("k", "layout"), [(96, "int8"), (97, "nibbles"), (96, "matmulnbits")])
+def test_int_accumulator_is_exact(m, k, layout):
+    gen = torch.Generator().manual_seed(m * k)
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    xq[0, :4] = -128  # the extremes of both operands meet
+    if layout == "int8":
+        q = torch.randint(-128, 128, (N, k), generator=gen, dtype=torch.int8)
+        q[:, :4] = -128
+        w, bits = q, 8
+    else:
+        q = torch.randint(-8, 8, (N, k), generator=gen, dtype=torch.int8)
+        q[:, :4] = -8
+        w = T.pack_nibbles(q) if layout == "nibbles" else pack_int4_weight(q, 32).reshape(N, -1)
+        bits = 4
+    acc = T.int_mm(xq, w, bits, k)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc, xq.long().matmul(q.long().T).int())
+
+
+# ---- qlinear_wa against the registry reference --------------------------------------------------------
+
+# (w_bits, group_size, K, activation grid, activation zero point: None | "token" | "tensor", dtype)
+CASES = {
+    "w8a8": (8, 0, 96, A8, None, torch.float32),
+    "w8a8-asym-token": (8, 0, 96, A8, "token", torch.float32),
+    "w8a8-asym-tensor": (8, 0, 96, A8, "tensor", torch.float32),
+    "w8a8-fp16": (8, 0, 96, A8, None, torch.float16),
+    "w8a8-bf16-asym": (8, 0, 96, A8, "token", torch.bfloat16),
+    "w8a8-g64-ragged": (8, 64, 96, A8, "token", torch.float32),
+    "w4a8-g128-qqq": (4, 128, 576, A8, None, torch.float32),
+    "w4a8-g32-asym": (4, 32, 96, A8, "token", torch.float32),
+    "w4a4-per-channel": (4, 0, 96, A4, None, torch.float32),
+    "w4a4-per-channel-asym": (4, 0, 97, A4, "token", torch.float16),
+}
+
+
+def _quantized_call(case, m, bias, seed=0):
+    """The registry op's argument dict for one case (activations quantized by the reference ops)."""
+    bits, g, k, grid, zp_kind, dtype = CASES[case]
+    x = _activations(m, k, dtype, seed=seed + m)
+    if zp_kind == "tensor":  # static per tensor: a calibrated range, a 0-d scale and zero point
+        lo, hi = float(x.min()), float(x.max())
+        xs = torch.tensor((hi - lo) / 255, dtype=dtype)
+        xz = torch.tensor(-128 - round(lo / float(xs)), dtype=torch.int8)
+        xq = Q.quantize(x, xs, xz, *grid, 0)
+    else:
+        xq, xs, xz = _reference_quant(x, grid, zp_kind is None)
+        xz = None if zp_kind is None else xz
+    w, ws, q, w_bits = _weight(k, bits, g, seed=seed + k + g, dtype=dtype)
+    b = (torch.randn(N, generator=torch.Generator().manual_seed(seed)) * 0.1).to(dtype) if bias else None
+    args = dict(
+        xq=xq, x_scale=xs, x_zero_point=xz, w=w, w_scale=ws, w_zero_point=None, bias=b,
+        w_bits=w_bits, in_features=k, group_size=g,
+    )  # fmt: skip
+    return args, x, q
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("m", "bias"), [(1, True), (3, False), (17, True)])
+def test_qlinear_wa_matches_reference(case, m, bias):
+    args, _, q = _quantized_call(case, m, bias)
+    ref = Q.qlinear_wa(*args.values())
+    out = _run_prepared(T.QLINEAR_WA_IMPL, args)
+    bound = _bound(args["xq"], args["x_scale"], args["x_zero_point"], q, args["w_scale"], args["group_size"],
+                   args["bias"], ref)  # fmt: skip
+    _assert_within(out, ref, bound)
+
+
+def test_the_bound_catches_a_one_unit_weight_error():
+    """The tolerance is tight enough to fail: one weight value off by one step is outside it."""
+    args, _, q = _quantized_call("w8a8", 3, True)
+    ref = Q.qlinear_wa(*args.values())
+    wrong = dict(args, w=q.clone())
+    wrong["w"][5, 7] += 1 if wrong["w"][5, 7] < 127 else -1
+    out = _run_prepared(T.QLINEAR_WA_IMPL, wrong)
+    bound = _bound(args["xq"], args["x_scale"], None, q, args["w_scale"], 0, args["bias"], ref)
+    with pytest.raises(AssertionError, match="rounding bound"):
+        _assert_within(out, ref, bound)
+
+
+def test_qlinear_wa_keeps_leading_dims_and_per_token_layout():
+    args, _, q = _quantized_call("w8a8-asym-token", 3, True)
+    args3 = dict(args)
+    for key in ("xq", "x_scale", "x_zero_point"):
+        args3[key] = args[key].reshape(1, 3, -1)
+    out = _run_prepared(T.QLINEAR_WA_IMPL, args3)
+    assert out.shape == (1, 3, N)
+    assert torch.equal(out[0], _run_prepared(T.QLINEAR_WA_IMPL, args))
+
+
+# ---- the fused quantize + GEMM ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "m"),
+    [("w8a8", 3), ("w8a8-asym-token", 17), ("w8a8-bf16-asym", 1), ("w4a8-g128-qqq", 3),
+     ("w4a8-g32-asym", 3), ("w4a4-per-channel-asym", 17)],
+)  # fmt: skip
+def test_dyn_quant_linear_equals_quantize_then_qlinear_wa(case, m):
+    """One launch gives the very numbers of the unfused pair (the same integers, the same fp32
+    epilogue), and so the reference's up to the bound."""
+    args, x, q = _quantized_call(case, m, bias=True)
+    grid, symmetric = CASES[case][3], CASES[case][4] is None
+    fused_args = {k: v for k, v in args.items() if k not in ("xq", "x_scale", "x_zero_point")}
+    fused_args.update(x=x, qmin=grid[0], qmax=grid[1], symmetric=symmetric)
+    assert T.supports_dyn_quant_linear(fused_args, x.device) is None
+    fused = _run_prepared(T.DYN_QUANT_LINEAR_IMPL, fused_args)
+
+    xq, xs, xz = T.quantize_per_token(x, *grid, symmetric)
+    unfused = _run_prepared(
+        T.QLINEAR_WA_IMPL, dict(args, xq=xq, x_scale=xs, x_zero_point=None if symmetric else xz)
+    )
+    assert torch.equal(fused, unfused)
+    ref = Q.qlinear_wa(*args.values())
+    bound = _bound(args["xq"], args["x_scale"], args["x_zero_point"], q, args["w_scale"], args["group_size"],
+                   args["bias"], ref)  # fmt: skip
+    _assert_within(fused, ref, bound)
+
+
+# ---- registration, prepare, supports ---------------------------------------------------------------------
+
+
+def test_registered_for_qlinear_wa_and_prepare_passes_runtime_inputs_through():
+    assert implementation("triton", "qlinear_wa") is T.QLINEAR_WA_IMPL
+    args, _, q = _quantized_call("w4a4-per-channel-asym", 3, True)
+    prepared = T.prepare_qlinear_wa(args)
+    for key in ("xq", "x_scale", "x_zero_point", "bias"):
+        assert prepared[key] is args[key]
+    # an int4-valued int8 weight is packed to nibbles; its column sums serve the zero point
+    assert prepared["w_bits"] == 4 and prepared["w"].dtype == torch.uint8 and prepared["w"].shape == (N, 49)
+    assert torch.equal(prepared["w_colsum"], q.int().sum(1).int())
+    # 8-bit full-range weights stay int8; MatMulNBits int4 is read as is
+    args8, _, _ = _quantized_call("w8a8", 1, False)
+    assert T.prepare_qlinear_wa(args8)["w"] is not None and T.prepare_qlinear_wa(args8)["w_bits"] == 8
+    args4, _, _ = _quantized_call("w4a8-g128-qqq", 1, False)
+    assert torch.equal(T.prepare_qlinear_wa(args4)["w"], args4["w"].reshape(N, -1))
+
+
+def test_supports_says_why_not():
+    args, _, q = _quantized_call("w8a8", 1, False)
+    cpu = torch.device("cpu")
+    assert T.supports_qlinear_wa(args, cpu) is None
+    scale = args["w_scale"]
+    cases = {
+        "asymmetric weights": dict(w_zero_point=torch.zeros_like(scale, dtype=torch.int8)),
+        "not a multiple of 32": dict(group_size=48, w_scale=scale.expand(N, 2)),
+        "weight-only storage": dict(w=pack_int8_blocked(q[:, :64], 32), in_features=64, group_size=32),
+        "could overflow": dict(in_features=70000),
+        "w_bits=2": dict(w_bits=2),
+        "neither per token": dict(x_scale=torch.ones(1, 96)),
+    }
+    for why, change in cases.items():
+        reason = T.supports_qlinear_wa(dict(args, **change), cpu)
+        assert reason is not None and why in reason, (why, reason)
+    assert "CUDA" in T.supports_qlinear_wa(args, torch.device("meta"))
+    fused = {k: v for k, v in args.items() if k not in ("xq", "x_scale", "x_zero_point")}
+    fused.update(x=None, qmin=0, qmax=255, symmetric=False)
+    assert "signed int8 grid" in T.supports_dyn_quant_linear(fused, cpu)
+
+
+def test_wrappers_name_the_kernel_and_the_problem(monkeypatch):
+    args, x, _ = _quantized_call("w8a8-asym-token", 3, True)
+    p = T.prepare_qlinear_wa(args)
+
+    def call(**change):
+        return T.qlinear_wa(**dict(p, **change))
+
+    with pytest.raises(ValueError, match=r"qcompile_triton::qlinear_wa: xq must be int8"):
+        call(xq=p["xq"].float())
+    with pytest.raises(ValueError, match=r"qlinear_wa: xq must be \[\.\.\., in_features=96\]"):
+        call(xq=p["xq"][:, :64])
+    with pytest.raises(ValueError, match=r"qlinear_wa: w_scale must be float32 \[N=37, G=1\]"):
+        call(w_scale=p["w_scale"].half())
+    with pytest.raises(ValueError, match=r"qlinear_wa: w for w_bits=4 must be torch.uint8"):
+        call(w_bits=4)
+    with pytest.raises(ValueError, match=r"qlinear_wa: bias must be a float \[N=37\]"):
+        call(bias=p["bias"][:5])
+    with pytest.raises(ValueError, match=r"qlinear_wa: x_scale must be per token \[3, 1\]"):
+        call(x_scale=p["x_scale"][:2])
+    with pytest.raises(ValueError, match=r"qlinear_wa: x_zero_point must be int8"):
+        call(x_zero_point=p["x_zero_point"].int())
+    with pytest.raises(ValueError, match=r"qlinear_wa: per-channel weights with an activation zero point"):
+        call(w_colsum=None)
+    with pytest.raises(ValueError, match=r"qlinear_wa: group_size must be 0 or a multiple of 32"):
+        call(group_size=48, w_scale=p["w_scale"].expand(N, 2).contiguous())
+    with pytest.raises(
+        ValueError, match=r"qlinear_wa: tensors are on different devices \(xq on cpu, w on meta\)"
+    ):
+        T._check_device("qlinear_wa", {"xq": p["xq"], "w": p["w"].to("meta")})
+    with pytest.raises(ValueError, match=r"dyn_quant_linear: qmin/qmax must be a signed int8 grid"):
+        T.dyn_quant_linear(x, 0, 255, False, p["w"], p["w_scale"], p["w_colsum"], None, 8, 96, 0)
+    with pytest.raises(ValueError, match=r"quantize_per_token: x must be float32/float16/bfloat16"):
+        T.quantize_per_token(x.double(), -128, 127, True)
+    monkeypatch.setattr(T, "INTERPRET", False)  # CPU tensors without the interpreter
+    with pytest.raises(ValueError, match=r"quantize_per_token: tensors are on cpu; Triton runs on CUDA"):
+        T.quantize_per_token(x, -128, 127, True)
+
+
+def test_fakes_give_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, x, _ = _quantized_call("w8a8-bf16-asym", 3, True)
+    p = T.prepare_qlinear_wa(args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x.reshape(1, 3, -1))
+        out = T.DYN_QUANT_LINEAR(
+            fx, -128, 127, False, p["w"], p["w_scale"], p["w_colsum"], p["bias"], 8, 96, 0
+        )
+        xq, s, z = T.QUANTIZE_PER_TOKEN(fx, -128, 127, False)
+        y = T.QLINEAR_WA(xq, s, z, p["w"], p["w_scale"], p["w_colsum"], p["bias"], 8, 96, 0)
+    assert out.shape == y.shape == (1, 3, N) and out.dtype == y.dtype == torch.bfloat16
+    assert (
+        xq.shape == (1, 3, 96) and xq.dtype == torch.int8 and s.shape == (1, 3, 1) and z.dtype == torch.int8
+    )
