@@ -203,6 +203,14 @@ def test_qlinear_wa_keeps_leading_dims_and_per_token_layout():
     assert torch.equal(out[0], _run_prepared(T.QLINEAR_WA_IMPL, args))
 
 
+def test_an_empty_batch_launches_nothing():
+    args, x, _ = _quantized_call("w8a8-asym-token", 3, True)
+    empty = {k: (v[:0] if k in ("xq", "x_scale", "x_zero_point") else v) for k, v in args.items()}
+    assert _run_prepared(T.QLINEAR_WA_IMPL, empty).shape == (0, N)
+    xq, scale, zp = T.quantize_per_token(x[:0], *A8, True)
+    assert xq.shape == (0, 96) and scale.shape == zp.shape == (0, 1)
+
+
 # ---- the fused quantize + GEMM ------------------------------------------------------------------------
 
 
@@ -294,6 +302,8 @@ def test_wrappers_name_the_kernel_and_the_problem(monkeypatch):
         call(x_scale=p["x_scale"][:2])
     with pytest.raises(ValueError, match=r"qlinear_wa: x_zero_point must be int8"):
         call(x_zero_point=p["x_zero_point"].int())
+    with pytest.raises(ValueError, match=r"qlinear_wa: w_colsum must be int32 \[N=37\]"):
+        call(w_colsum=p["w_colsum"].long())
     with pytest.raises(ValueError, match=r"qlinear_wa: per-channel weights with an activation zero point"):
         call(w_colsum=None)
     with pytest.raises(ValueError, match=r"qlinear_wa: group_size must be 0 or a multiple of 32"):

@@ -448,9 +448,11 @@ def _check_weight(kernel: str, w: Tensor, w_scale: Tensor, w_bits: int, k: int, 
     return int(w.shape[0])
 
 
-def _check_bias(kernel: str, bias: Tensor | None, n: int) -> None:
+def _check_bias_colsum(kernel: str, bias: Tensor | None, w_colsum: Tensor | None, n: int) -> None:
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point):
         raise _fail(kernel, f"bias must be a float [N={n}], got {bias.dtype} {list(bias.shape)}")
+    if w_colsum is not None and (tuple(w_colsum.shape) != (n,) or w_colsum.dtype != torch.int32):
+        raise _fail(kernel, f"w_colsum must be int32 [N={n}], got {w_colsum.dtype} {list(w_colsum.shape)}")
 
 
 def _per_row(kernel: str, name: str, t: Tensor, lead: tuple[int, ...]) -> int:
@@ -483,6 +485,8 @@ def _launch_gemm(
     int_out: bool = False,
 ) -> None:
     m, n = a.shape[0], w.shape[0]
+    if m == 0 or n == 0:  # an empty batch: nothing to launch (a zero-sized grid is an error)
+        return
     grouped = group_size > 0
     has_xzp = (not symmetric) if fuse_quant else xz is not None
     qmin, qmax = qrange
@@ -559,7 +563,7 @@ def qlinear_wa(
     kernel = "qlinear_wa"
     _check_device(kernel, {"xq": xq, "x_scale": x_scale, "x_zero_point": x_zero_point, "w": w, "bias": bias})
     n = _check_weight(kernel, w, w_scale, w_bits, in_features, group_size)
-    _check_bias(kernel, bias, n)
+    _check_bias_colsum(kernel, bias, w_colsum, n)
     if xq.dtype != torch.int8:
         raise _fail(kernel, f"xq must be int8, got {xq.dtype}")
     if not x_scale.dtype.is_floating_point:
@@ -625,21 +629,22 @@ def quantize_per_token(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tupl
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]),)
 
-    torch.library.wrap_triton(_quant_rows_kernel)[grid](
-        x2,
-        q,
-        scale,
-        zp,
-        m,
-        k,
-        x2.stride(0),
-        q.stride(0),
-        (qmax - qmin) / 2,
-        float(qmax - qmin),
-        qmin,
-        qmax,
-        SYMMETRIC=symmetric,
-    )
+    if m > 0:
+        torch.library.wrap_triton(_quant_rows_kernel)[grid](
+            x2,
+            q,
+            scale,
+            zp,
+            m,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            (qmax - qmin) / 2,
+            float(qmax - qmin),
+            qmin,
+            qmax,
+            SYMMETRIC=symmetric,
+        )
     lead = tuple(x.shape[:-1])
     return q.reshape(*lead, k), scale.reshape(*lead, 1), zp.reshape(*lead, 1)
 
@@ -669,7 +674,7 @@ def dyn_quant_linear(
     kernel = "dyn_quant_linear"
     _check_device(kernel, {"x": x, "w": w, "bias": bias})
     n = _check_weight(kernel, w, w_scale, w_bits, in_features, group_size)
-    _check_bias(kernel, bias, n)
+    _check_bias_colsum(kernel, bias, w_colsum, n)
     _check_grid(kernel, qmin, qmax)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise _fail(kernel, f"x must be float32/float16/bfloat16, got {x.dtype}")
