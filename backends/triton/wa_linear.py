@@ -118,7 +118,10 @@ if INTERPRET:  # the interpreter runs every program in numpy: the first config t
     _QUANT_CONFIGS = [triton.Config({"BLOCK_M": 4, "BLOCK_K": 64}, num_warps=1)]
 else:
     _GEMM_CONFIGS = [
-        # decode (M ≤ 32): narrow M tiles, deep K, many programs over N
+        # decode (M ≤ 32): narrow M tiles, deep K, many programs over N (N / 32 = 128 programs for
+        # N = 4096: about one per SM of an H100/H200, where a weight-bound GEMV wants them all)
+        _gemm_config(16, 32, 256, 4, 3),
+        _gemm_config(16, 32, 128, 4, 4),
         _gemm_config(16, 64, 128, 4, 4),
         _gemm_config(16, 128, 128, 4, 4),
         _gemm_config(16, 64, 256, 4, 3),
