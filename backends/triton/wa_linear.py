@@ -160,7 +160,10 @@ def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs
 
 def _m_bucket(m: int) -> int:
     """The autotuner's M key: powers of two up to 256, so decode steps and prefills of every length
-    do not each trigger a tuning run."""
+    do not each trigger a tuning run. A symbolic M (torch.compile, dynamic batch) is passed as is:
+    bucketing it would guard on its value, and the kernel is then keyed on M itself."""
+    if isinstance(m, torch.SymInt):
+        return m
     return min(triton.next_power_of_2(max(m, 1)), 256)
 
 
