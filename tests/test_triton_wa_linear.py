@@ -1,12 +1,14 @@
-"""Triton integer-activation linears (``backends/triton/wa_linear.py``) against the registry's torch
-reference, on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest).
+"""Triton integer-activation linears (``backends/triton/wa_linear.py`` and ``wa_kernels.py``) against
+the registry's torch reference, on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``,
+set by conftest).
 
 What must be exact: the activation quantizer (int8 values, scales, zero points: bit for bit the
 reference ``choose_qparams_per_token`` + ``quantize``), the int32 accumulator, and the fused op
 against the unfused pair (the same integers and the same fp32 epilogue). The float output is checked
 against ``qcompile::qlinear_wa`` within a bound derived from both sides' rounding (:func:`_bound`).
-Shapes are small and ragged: M = 1, 3, 17; N = 37; K = 96 (three 32-wide interpreter K tiles, one
-of them past K for K = 97) and K = 576 = 4·128 + 64 for the grouped W4A8 of QQQ.
+Shapes are small and ragged: M = 1, 3, 17 (the interpreter's M tile is 16); N = 37 (N tile 64);
+K = 96 and 97 (K tiles of 64, or 32 inside groups of 32: the last tile is partly past K) and
+K = 576 = 4·128 + 64 for QQQ's grouped W4A8 (a ragged last group).
 """
 
 from __future__ import annotations
@@ -346,7 +348,7 @@ import os, re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qcompile.backends.triton import wa_linear as T
+from qcompile.backends.triton import wa_kernels, wa_linear as T
 
 ptr = {"a_ptr": "*i8", "xs_ptr": "*fp16", "xz_ptr": "*i8", "w_ptr": "*i8", "ws_ptr": "*fp32",
        "wcs_ptr": "*i32", "b_ptr": "*fp16", "out_ptr": "*fp16"}
@@ -370,7 +372,7 @@ for cap, (bm, bn, bk, warps, stages), (w4, grouped, xzp, fuse, sym) in [
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     consts = dict(zip(flags, (w4, grouped, xzp, True, fuse, sym, False)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=8)
-    k = triton.compile(ASTSource(T._wa_gemm_kernel.fn, sig, constexprs=consts, attrs=attrs),
+    k = triton.compile(ASTSource(wa_kernels._wa_gemm_kernel.fn, sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = k.asm["ptx"]
     mma = "wgmma.mma_async" if (cap == 90 and bm >= 64) else "mma.sync"
