@@ -283,6 +283,25 @@ def test_supports_says_why_not():
     assert "signed int8 grid" in T.supports_dyn_quant_linear(fused, cpu)
 
 
+def test_gpu_configs_are_pruned_to_tiles_inside_one_group(monkeypatch):
+    """On the GPU a K tile must not straddle two weight groups, and a one-token problem gets no
+    128-row tiles; the per-channel case (GROUP_SIZE = K) takes any K tile."""
+    from qcompile.backends.triton import wa_kernels
+
+    monkeypatch.setattr(wa_kernels, "INTERPRET", False)
+    configs = [wa_kernels._gemm_config(bm, 64, bk, 4, 3) for bm in (16, 128) for bk in (32, 64, 96, 256)]
+
+    def kept(group, k, m_bucket):
+        args = {"GROUP_SIZE": group, "K": k, "M_BUCKET": m_bucket}
+        return {
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in wa_kernels._prune_gemm_configs(configs, args)
+        }
+
+    assert kept(128, 576, 1) == {(16, 32), (16, 64)}
+    assert kept(128, 576, 256) == {(16, 32), (16, 64), (128, 32), (128, 64)}
+    assert kept(576, 576, 256) == {(bm, bk) for bm in (16, 128) for bk in (32, 64, 96, 256)}
+
+
 def test_wrappers_name_the_kernel_and_the_problem(monkeypatch):
     args, x, _ = _quantized_call("w8a8-asym-token", 3, True)
     p = T.prepare_qlinear_wa(args)

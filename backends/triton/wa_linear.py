@@ -163,7 +163,11 @@ def qlinear_wa(
 ) -> Tensor:
     """``qcompile::qlinear_wa`` on int8 activations and a :func:`prepare_weight` weight."""
     kernel = "qlinear_wa"
-    _check_device(kernel, {"xq": xq, "x_scale": x_scale, "x_zero_point": x_zero_point, "w": w, "bias": bias})
+    _check_device(
+        kernel,
+        {"xq": xq, "x_scale": x_scale, "x_zero_point": x_zero_point, "w": w, "w_scale": w_scale,
+         "w_colsum": w_colsum, "bias": bias},
+    )  # fmt: skip
     n = _check_weight(kernel, w, w_scale, w_bits, in_features, group_size)
     _check_bias_colsum(kernel, bias, w_colsum, n)
     if xq.dtype != torch.int8:
@@ -227,7 +231,6 @@ def quantize_per_token(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tupl
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=x.dtype, device=x.device)
     zp = torch.empty((m,), dtype=torch.int8, device=x.device)
-
     launch_quant_rows(x2, q, scale, zp, qmin, qmax, symmetric)
     lead = tuple(x.shape[:-1])
     return q.reshape(*lead, k), scale.reshape(*lead, 1), zp.reshape(*lead, 1)
@@ -256,7 +259,7 @@ def dyn_quant_linear(
     """Dynamic per-token quantization of x fused with the integer GEMM: one launch for
     ``choose_qparams_per_token → quantize → qlinear_wa``."""
     kernel = "dyn_quant_linear"
-    _check_device(kernel, {"x": x, "w": w, "bias": bias})
+    _check_device(kernel, {"x": x, "w": w, "w_scale": w_scale, "w_colsum": w_colsum, "bias": bias})
     n = _check_weight(kernel, w, w_scale, w_bits, in_features, group_size)
     _check_bias_colsum(kernel, bias, w_colsum, n)
     _check_grid(kernel, qmin, qmax)
