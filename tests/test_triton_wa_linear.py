@@ -437,3 +437,71 @@ def test_kernels_compile_for_gpus_and_trace_without_one(tmp_path):
         [sys.executable, "-c", _COMPILE_AND_TRACE], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and "traced" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# ---- on a folded graph: the KernelImpl contract with real fold_qdq arguments --------------------------
+
+_SCHEMA = ["xq", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "bias", "w_bits", "in_features",
+           "group_size"]  # fmt: skip
+
+
+@pytest.mark.slow  # ~3 s in the full suite (the capture is shared); alone, the capture adds 10-20 s
+@pytest.mark.parametrize(
+    "scheme",
+    [{"act_symmetric": False}, {"weight_bits": 4, "group_size": 32}],
+    ids=["w8a8-asym-act", "w4a8-g32"],
+)
+def test_every_qlinear_wa_of_a_folded_tiny_llama(tiny_decoder, scheme):
+    """quantize → fold_qdq on the tiny Llama's decode step (the session's capture, copied), then each
+    ``qlinear_wa`` call as a lowering would make it: ``supports`` on the node's arguments (constants
+    as tensors, runtime inputs as fx nodes), ``prepare``, and the Triton op on the values the
+    reference graph computed ([batch, seq, K] activations, [batch, seq, 1] scales) — within the
+    rounding bound of the reference's output."""
+    from qcompile.frontend.decoder import example_decoder_inputs
+    from qcompile.ir import keys
+    from qcompile.ops import QLINEAR_WA
+    from qcompile.passes.analyze import AnalyzePass
+    from qcompile.passes.annotate import AnnotatePass
+    from qcompile.passes.fold_qdq import FoldQDQPass
+    from qcompile.passes.quantize import QuantizePass
+    from qcompile.pipeline.contract import PassContext
+    from qcompile.quant.packing import weight_int8
+
+    qg = tiny_decoder.copy()
+    ctx = PassContext(show_progress=False)
+    for p in (AnalyzePass(), AnnotatePass(scheme), QuantizePass(), FoldQDQPass()):
+        p(qg, ctx)
+    calls = []
+
+    def record(*args):
+        out = QLINEAR_WA(*args)
+        calls.append((args, out))
+        return out
+
+    nodes = [n for n in qg.graph.nodes if n.target is QLINEAR_WA]
+    assert nodes
+    for node in nodes:
+        node.target = record
+    qg.recompile()
+    qg(*example_decoder_inputs(qg.info[keys.INFO_DECODER], batch=2, past=4, seq=3))
+    assert len(calls) == len(nodes)
+    seen = set()  # one call per weight shape (q, k, gate, down): the others repeat them
+    for node, (values, ref) in zip(nodes, calls, strict=True):
+        if tuple(values[3].shape) in seen:
+            continue
+        seen.add(tuple(values[3].shape))
+        graph_args = {
+            name: qg.get_constant(a) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a
+            for name, a in zip(_SCHEMA, node.args, strict=True)
+        }
+        assert T.supports_qlinear_wa(graph_args, torch.device("cpu")) is None, node.name
+        kwargs = T.prepare_qlinear_wa(graph_args)
+        runtime = dict(zip(_SCHEMA, values, strict=True))
+        kwargs = {k: runtime[k] if isinstance(v, torch.fx.Node) else v for k, v in kwargs.items()}
+        out = T.QLINEAR_WA(**kwargs)
+        a = runtime
+        q, _ = weight_int8(a["w"], a["w_scale"], None, a["w_bits"], a["in_features"])
+        bound = _bound(
+            a["xq"], a["x_scale"], a["x_zero_point"], q, a["w_scale"], a["group_size"], a["bias"], ref
+        )
+        _assert_within(out, ref, bound)
