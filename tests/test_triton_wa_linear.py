@@ -146,6 +146,7 @@ CASES = {
     "w8a8-g64-ragged": (8, 64, 96, A8, "token", torch.float32),
     "w4a8-g128-qqq": (4, 128, 576, A8, None, torch.float32),
     "w4a8-g32-asym": (4, 32, 96, A8, "token", torch.float32),
+    "w4a4-g128-one-ragged-group": (4, 128, 96, A4, None, torch.float32),  # QuaRot's W4A4 grid, K < g
     "w4a4-per-channel": (4, 0, 96, A4, None, torch.float32),
     "w4a4-per-channel-asym": (4, 0, 97, A4, "token", torch.float16),
 }
