@@ -31,19 +31,18 @@ they would need a two-pass (shared-memory / global) FWHT.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.backends.triton.wo_linear import FLOAT_DTYPES, round_to, runtime_dtype, triton_device_reason
+from qcompile.backends.triton.common import FLOAT_DTYPES, INTERPRET, runtime_dtype, triton_device_reason
+from qcompile.backends.triton.wo_linear import round_to
 from qcompile.ops.registry import KernelImpl, register_impl
 from qcompile.quant.hadamard import HadamardError, k_matrix, plan_from_op_args
 
 KERNEL = "qcompile_triton::hadamard"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TILE = 16384  # KP · P elements of one segment: 64 fp32 registers per thread at 8 warps
 
 

@@ -44,7 +44,6 @@ tuning run); under ``TRITON_INTERPRET=1`` the first config that fits is taken, u
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -52,7 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from qcompile.backends.triton.common import INTERPRET, bf16_rne
+
 MAX_K = 65535  # 2 · 128 · 128 · K must stay below 2³¹ (int32 accumulator with the zp correction)
 MIN_GROUP = 32  # the smallest K tile of an int8 MMA; a group holds whole tiles
 
@@ -127,9 +127,7 @@ def _round_to_dtype(v, DTYPE: tl.constexpr):
     """fp32 ``v`` rounded (to nearest even) to ``DTYPE``'s precision, kept in fp32. bf16 on the bits:
     the interpreter truncates fp32 → bf16 casts."""
     if DTYPE == tl.bfloat16:
-        b = v.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        v = b.to(tl.float32, bitcast=True)
+        v = bf16_rne(v)
     elif DTYPE == tl.float16:
         v = v.to(tl.float16).to(tl.float32)
     return v

@@ -64,7 +64,8 @@ import torch
 from torch import Tensor
 
 import qcompile.ops  # noqa: F401  (defines qcompile::qlinear_wa, which register_impl looks up)
-from qcompile.backends.triton.wa_kernels import INTERPRET, MAX_K, MIN_GROUP, launch_gemm, launch_quant_rows
+from qcompile.backends.triton.common import runtime_shape, triton_device_reason
+from qcompile.backends.triton.wa_kernels import MAX_K, MIN_GROUP, launch_gemm, launch_quant_rows
 from qcompile.ops.registry import KernelImpl, register_impl
 from qcompile.quant.packing import INT4_OFFSET, is_blocked_int8, unpack_int4_weight
 
@@ -82,8 +83,9 @@ def _check_device(kernel: str, tensors: dict[str, Tensor | None]) -> torch.devic
     if any(d != first for d in devices.values()):
         where = ", ".join(f"{name} on {d}" for name, d in devices.items())
         raise _fail(kernel, f"tensors are on different devices ({where})")
-    if first.type != "cuda" and not (INTERPRET and first.type == "cpu"):
-        raise _fail(kernel, f"tensors are on {first}; Triton runs on CUDA (CPU only with TRITON_INTERPRET=1)")
+    reason = triton_device_reason(first)
+    if reason is not None:
+        raise _fail(kernel, reason)
     return first
 
 
@@ -356,18 +358,11 @@ def prepare_weight(
     }
 
 
-def _shape(v: Any) -> tuple[int, ...] | None:
-    """Shape of a constant tensor or of an fx node's ``meta["val"]`` (None when unknown)."""
-    if isinstance(v, Tensor):
-        return tuple(v.shape)
-    val = getattr(v, "meta", {}).get("val")
-    return tuple(val.shape) if isinstance(val, Tensor) else None
-
-
 def _weight_unsupported(args: dict[str, Any], device: torch.device) -> str | None:
     """The reason this backend cannot take the call's weight (or device); None when it can."""
-    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
-        return f"Triton kernels run on CUDA devices (CPU only under TRITON_INTERPRET=1), not {device}"
+    reason = triton_device_reason(device)
+    if reason is not None:
+        return reason
     if args["w_zero_point"] is not None:
         return "asymmetric weights (w_zero_point) are not implemented: the kernels assume symmetric weights"
     bits, w, g, k = args["w_bits"], args["w"], args["group_size"], args["in_features"]
@@ -387,7 +382,7 @@ def supports_qlinear_wa(args: dict[str, Any], device: torch.device) -> str | Non
     reason = _weight_unsupported(args, device)
     if reason is not None:
         return reason
-    shape = _shape(args["x_scale"])
+    shape = runtime_shape(args["x_scale"])
     if shape is not None and shape and shape[-1] != 1 and int(torch.Size(shape).numel()) != 1:
         return f"x_scale {list(shape)} is neither per token [..., 1] nor per tensor"
     return None

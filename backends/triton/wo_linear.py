@@ -41,43 +41,26 @@ would only multiply its cost.
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from qcompile.backends.triton.common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    bf16_rne,
+    runtime_dtype,
+    triton_device_reason,
+)
 from qcompile.backends.triton.layout import PackedWeight, check_storage, num_groups, repack_weight
 from qcompile.ops.registry import KernelImpl, register_impl
 
 KERNEL = "qcompile_triton::qlinear_w"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 8  # M <= 8: split-K GEMV; above: the tl.dot GEMM
 SPLIT_ALIGN = 128  # a K split is a multiple of this (the largest BLOCK_K), so tiles never straddle a split
 MAX_SPLIT_K = 16
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ---- where the kernels run ----------------------------------------------------------------------------
-
-
-def triton_device_reason(device: torch.device) -> str | None:
-    """None when Triton kernels can run on ``device``: CUDA (ROCm reports as cuda too), or any CPU tensor
-    under ``TRITON_INTERPRET=1``; else the reason."""
-    device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
-        return None
-    return f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device}"
-
-
-def runtime_dtype(value: object) -> torch.dtype | None:
-    """The dtype of a runtime input handed to ``supports``: a tensor's, or an fx node's ``meta["val"]``'s;
-    None when unknown."""
-    if isinstance(value, Tensor):
-        return value.dtype
-    val = getattr(value, "meta", {}).get("val") if hasattr(value, "meta") else None
-    return val.dtype if isinstance(val, Tensor) else None
 
 
 # ---- autotune configs ----------------------------------------------------------------------------------
@@ -141,9 +124,7 @@ def round_to(v, dtype: tl.constexpr):
     """fp32 ``v`` -> ``dtype``, rounding to nearest even (the GPU's cast; by hand for bf16 in the interpreter)."""
     if _BF16_RNE_BY_HAND:
         if dtype == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
+            v = bf16_rne(v)
     return v.to(dtype)
 
 
