@@ -20,11 +20,11 @@ demo: $(STAMP)
 
 # Fast synthetic tests plus a small real-model subset (`real` marker); `slow` ones are excluded.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider -n auto --dist loadfile
 
 # Everything, the slow real-model runs included.
 test-all: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check qcompile passes backends tests benchmarks
