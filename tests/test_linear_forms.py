@@ -83,15 +83,48 @@ def gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-def test_gpt2_conv1d_model_is_quantized(gpt2):
+class _FusedQKV(nn.Module):
+    """One projection cut three ways with unequal widths (GQA: q 32, k 16, v 16), as split_with_sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(16, 64)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([32, 16, 16], dim=-1)
+        return self.out(q[..., :16] * k + v)
+
+
+def test_fused_projection_is_cut_into_one_linear_per_chunk():
+    model = _FusedQKV().eval()
+    x = torch.randn(2, 5, 16)
+    qg = qcompile.capture(model, (x,))
+    linears = [n for n in qg.graph.nodes if n.target is aten.linear.default]
+    assert [qg.get_constant(n.args[1]).shape[0] for n in linears] == [32, 16, 16, 16]
+    assert not any(n.target in (aten.split.Tensor, aten.split_with_sizes.default) for n in qg.graph.nodes)
+    torch.testing.assert_close(
+        qg.get_constant(linears[1].args[1]), model.qkv.weight.detach()[32:48], rtol=0, atol=0
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(qg(x), model(x), rtol=2e-6, atol=1e-6)  # the same dot products
+
+
+def test_gpt2_conv1d_model_is_analysed_and_quantized(gpt2):
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     qg = qcompile.capture(gpt2, (ids,))
-    assert _targets(qg).count(aten.linear.default) == 9  # 4 Conv1D per block × 2 + lm_head
+    # c_attn cut into q, k, v: (3 + 1 + 2) linears per block × 2 + lm_head
+    assert _targets(qg).count(aten.linear.default) == 13
     with torch.no_grad():
         torch.testing.assert_close(qg(ids).logits, gpt2(ids).logits, rtol=0, atol=0)
     qm = qcompile.quantize(qg, "w4a16-rtn", example_inputs=(ids,), progress=False)
+    st = qm.qgraph.info["structure"]
+    roles = sorted((site.layer, site.role) for site in st.linears.values() if site.layer is not None)
+    assert roles == sorted((layer, r) for layer in (0, 1) for r in ("q", "k", "v", "o", "fc1", "fc2"))
+    assert [m.activation for m in st.mlps] == ["elementwise", "elementwise"]  # the written-out tanh-GELU
     annotate = qm.pipeline.result("annotate").report
-    assert annotate["annotated"] == 8 and annotate["unrecognised"] == []
+    assert annotate["annotated"] == 12 and annotate["unrecognised"] == []
     assert annotate["excluded"][0]["role"] == "lm_head"  # the 9th stays float by the recipe's choice
     with torch.no_grad():
         diff = (qm.qgraph(ids).logits - gpt2(ids).logits).abs().max()

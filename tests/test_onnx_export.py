@@ -231,11 +231,15 @@ def test_smollm2_prefill_parity(smollm2_qgraph, tmp_path, recipe):
 
 
 @pytest.mark.slow
-def test_cli_export_onnx_writes_the_decode_step(tmp_path, capsys):
+def test_cli_export_onnx_writes_the_decode_step_of_a_local_model_folder(tmp_path, tiny_model, capsys):
+    """A model no test names: a transformers Llama saved to a folder (config + safetensors, no
+    tokenizer files), exported from the CLI by its path."""
     from qcompile.tools.cli import main
 
+    folder = tmp_path / "my-llama"
+    tiny_model.save_pretrained(folder)
     out = tmp_path / "cli.onnx"
-    argv = ["export-onnx", "tiny-llama", "--recipe", "w4a16-rtn", "--out", str(out)]
+    argv = ["export-onnx", str(folder), "--recipe", "w4a16-rtn", "--out", str(out)]
     assert main([*argv, "--lm-head-bits", "4", "--embedding-bits", "4", "--head-group-size", "16"]) == 0
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     # 2 layers × (q/k/v, gate/up packed; o; down) + the tied lm_head; its table serves the lookup

@@ -201,6 +201,8 @@ def test_cli_disable_pass_and_dump_dir(tmp_path, capsys):
         (["--disable-pass", "onnx.nope"], "--disable-pass 'onnx.nope' matches no pass of this export"),
         (["--calib", "32"], "--calib '32': give windows x tokens"),
         (["--prefill-only", "--disable-pass", "onnx.fuse_rotary"], "matches no pass of this export"),
+        (["./no/such/model"], "not a packaged model (smollm2, tiny-llama) and not a local model folder"),
+        (["pyproject.toml"], "pyproject.toml is a file but not a .gguf model"),
     ],
 )
 def test_cli_user_errors_are_one_line_before_loading_a_model(extra, message, capsys, monkeypatch):

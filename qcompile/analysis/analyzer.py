@@ -187,6 +187,10 @@ def _find_mlps(graph: fx.Graph, st: Structure) -> None:
             site = _plain_mlp(producer, node, st)
         else:
             site = None
+        if site is None:  # an activation written out, maybe behind a flattening view (GPT-2)
+            producer = P.skip_passthrough_back(producer)
+            if P.is_op(producer, P.ELEMENTWISE_OPS):
+                site = _composite_mlp(producer, node, st)
         if site is not None:
             st.mlps.append(site)
 
@@ -217,8 +221,40 @@ def _gated_mlp(mul: fx.Node, down: fx.Node, st: Structure) -> MLPSite | None:
     return None
 
 
-def _plain_mlp(act: fx.Node, fc2: fx.Node, st: Structure) -> MLPSite | None:
-    fc1 = P.skip_passthrough_back(act.args[0])
+def _elementwise_root(node: fx.Node, limit: int = 32) -> fx.Node | None:
+    """The one linear an elementwise function reads: every tensor leaf of the region of elementwise
+    ops above ``node`` (scalars aside) is that linear's output. None for anything else — two linears
+    (a residual add), a constant tensor, a region of more than ``limit`` ops."""
+    roots: set[fx.Node] = set()
+    stack, seen = [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if P.is_linear(cur):
+            roots.add(cur)
+        elif P.is_passthrough(cur):
+            stack.append(cur.args[0])
+        elif P.is_op(cur, P.ELEMENTWISE_OPS) and len(seen) <= limit:
+            stack.extend(a for a in cur.args if isinstance(a, fx.Node))
+        else:
+            return None
+    return roots.pop() if len(roots) == 1 else None
+
+
+def _composite_mlp(act: fx.Node, fc2: fx.Node, st: Structure) -> MLPSite | None:
+    """A plain MLP whose activation is written out elementwise (GPT-2's tanh-GELU)."""
+    fc1 = _elementwise_root(act)
+    if fc1 is None or st.linears[fc1.name].role != "linear":
+        return None
+    return _plain_mlp(act, fc2, st, fc1=fc1, activation="elementwise")
+
+
+def _plain_mlp(
+    act: fx.Node, fc2: fx.Node, st: Structure, fc1: fx.Node | None = None, activation: str | None = None
+) -> MLPSite | None:
+    fc1 = fc1 if fc1 is not None else P.skip_passthrough_back(act.args[0])
     if not P.is_linear(fc1) or st.linears[fc1.name].role != "linear":
         return None
     if st.linears[fc1.name].out_features != st.linears[fc2.name].in_features:
@@ -229,7 +265,7 @@ def _plain_mlp(act: fx.Node, fc2: fx.Node, st: Structure) -> MLPSite | None:
     return MLPSite(
         layer=None,
         kind="plain",
-        activation=P.ACTIVATION_OPS[act.target],
+        activation=activation or P.ACTIVATION_OPS[act.target],
         up=fc1.name,
         down=fc2.name,
         act_node=act.name,

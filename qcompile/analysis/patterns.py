@@ -29,6 +29,18 @@ ACTIVATION_OPS = {
     aten.tanh.default: "tanh",
     aten.sigmoid.default: "sigmoid",
 }
+# Elementwise arithmetic an activation written out by hand is made of (GPT-2's tanh-GELU:
+# 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))).
+ELEMENTWISE_OPS = set(ACTIVATION_OPS) | {
+    aten.mul.Tensor,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.div.Tensor,
+    aten.neg.default,
+    aten.pow.Tensor_Scalar,
+    aten.erf.default,
+    aten.exp.default,
+}
 # Reshapes: relabel the same row-major elements.
 RESHAPE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 # What a broadcast operand (a mask, a position vector) may pass through without its values changing.

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from qcompile.frontend.linear_forms import canonicalize_linears
+from qcompile.frontend.linear_forms import canonicalize_linears, split_fused_linears
 from qcompile.ir import QGraph, keys
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     - drop export's ``_guards_fn`` module call and metadata-assert ops;
     - turn every parameter into a frozen buffer (``requires_grad=False``);
     - rewrite every linear written as ``mm`` / ``addmm`` (GPT-2's ``Conv1D``, ``x @ W``) into
-      ``aten.linear`` (:mod:`qcompile.frontend.linear_forms`);
+      ``aten.linear``, and cut fused projections split along their outputs into one linear each
+      (:mod:`qcompile.frontend.linear_forms`);
     - drop constants nothing reads (e.g. the embedding copy left by a tied lm_head);
     - give every node ``meta["val"]``.
     """
@@ -205,6 +206,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         delattr(gm, name)
     _freeze_parameters(gm)
     canonicalize_linears(gm)
+    split_fused_linears(gm)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)

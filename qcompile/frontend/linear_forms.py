@@ -16,6 +16,10 @@ function: ``addmm(b, x, W) = x @ W + b = linear(x, Wᵀ, b)``, the same products
 which the BLAS sums them may change with the weight's layout, so float32 outputs agree to rounding
 (tests/test_linear_forms.py: within K·eps of float32 on a hand-written model, bit for bit on GPT-2).
 
+:func:`split_fused_linears` then cuts a fused projection (one linear whose output is only split along
+its last dim: GPT-2's ``c_attn`` into q, k, v; a fused gate/up) into one linear per chunk, so every
+projection has a role of its own.
+
 Left alone (they are not a linear layer, or not one with constant parameters): ``addmm`` with
 ``beta`` / ``alpha`` other than 1, a bias that is not a constant vector of ``out`` elements, a weight
 that is computed rather than stored, and ``bmm`` / batched matmuls.
@@ -23,6 +27,7 @@ that is computed rather than stored, and ``bmm`` / batched matmuls.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -153,3 +158,109 @@ def canonicalize_linears(gm: fx.GraphModule) -> int:
         graph.erase_node(node)
     graph.eliminate_dead_code()
     return len(plans)
+
+
+# ---- fused projections ---------------------------------------------------------------------------
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _chunk_sizes(split: fx.Node, width: int) -> list[int] | None:
+    """The widths ``split`` cuts its input's last dim into (None: not along the last dim)."""
+    val = split.args[0].meta.get("val")
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if val is None or dim % val.dim() != val.dim() - 1:
+        return None
+    if split.target is aten.split_with_sizes.default:
+        sizes = list(split.args[1])
+    else:
+        size = split.args[1]
+        sizes = [min(size, width - o) for o in range(0, width, size)]
+    return sizes if all(isinstance(s, int) for s in sizes) and sum(sizes) == width else None
+
+
+def _fused_linear_plan(
+    gm: fx.GraphModule, linear: fx.Node
+) -> tuple[list[fx.Node], fx.Node, list[int]] | None:
+    """``linear`` -> views keeping the last dim -> one split of the last dim into its ``getitem`` s: the
+    view chain, the split and the chunk widths; None for any other shape of graph."""
+    weight = linear.args[1]
+    w = _constant(gm, weight)
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    if w is None or w.dim() != 2 or (bias is not None and _constant(gm, bias) is None):
+        return None
+    width, chain, node = w.shape[0], [], linear
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.target in _VIEWS and user.args[1][-1] in (width, -1):
+            chain.append(user)
+            node = user
+            continue
+        if user.target in _SPLITS:
+            sizes = _chunk_sizes(user, width)
+            if sizes is None or len(sizes) < 2:
+                return None
+            if not all(u.target is operator.getitem for u in user.users):
+                return None
+            return chain, user, sizes
+        return None
+    return None
+
+
+def split_fused_linears(gm: fx.GraphModule) -> int:
+    """Cut every linear whose output is only split along its last dim (GPT-2's ``c_attn`` q/k/v, fused
+    gate/up) into one linear per chunk — rows of the weight and bias — so each projection is a linear
+    of its own to the analysis and the passes. Exact: each output element is the same dot product.
+    Returns how many fused linears were cut. In place on ``gm`` (capture's private copy)."""
+    graph, count = gm.graph, 0
+    for linear in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.linear.default]:
+        plan = _fused_linear_plan(gm, linear)
+        if plan is None:
+            continue
+        chain, split, sizes = plan
+        x, weight = linear.args[0], linear.args[1]
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        w, b = _constant(gm, weight), _constant(gm, bias) if bias is not None else None
+        outs: dict[int, fx.Node] = {}
+        offset = 0
+        for i, size in enumerate(sizes):
+            rows = slice(offset, offset + size)
+            offset += size
+            w_node = _new_constant(gm, weight, f"{weight.target}_split{i}", w.detach()[rows].contiguous())
+            args: tuple = (x, w_node)
+            if b is not None:
+                args += (_new_constant(gm, bias, f"{bias.target}_split{i}", b.detach()[rows].contiguous()),)
+            with graph.inserting_before(split):
+                cur = graph.call_function(aten.linear.default, args)
+                cur.meta = dict(linear.meta)
+                cur.meta["val"] = _narrowed(linear.meta["val"], size)
+                for view in chain:
+                    shape = list(view.args[1])
+                    shape[-1] = size if shape[-1] != -1 else -1
+                    nxt = graph.call_function(view.target, (cur, shape))
+                    nxt.meta = dict(view.meta)
+                    nxt.meta["val"] = _narrowed(view.meta["val"], size)
+                    cur = nxt
+            outs[i] = cur
+        for item in list(split.users):
+            item.replace_all_uses_with(outs[item.args[1]])
+            graph.erase_node(item)
+        for node in [split, *reversed(chain), linear]:
+            graph.erase_node(node)
+        count += 1
+    graph.eliminate_dead_code()
+    return count
+
+
+def _new_constant(gm: fx.GraphModule, anchor: fx.Node, target: str, value: torch.Tensor) -> fx.Node:
+    _set_buffer(gm, target, value)
+    with gm.graph.inserting_after(anchor):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = value.to("meta")
+    return node
+
+
+def _narrowed(val: Any, size: int) -> Any:
+    """``val`` (a FakeTensor) with its last dim ``size``: the metadata of one chunk's output."""
+    return val.new_empty((*val.shape[:-1], size))

@@ -27,7 +27,17 @@ def _load(model_name: str):
         import torch
 
         return models.tiny_llama(), (torch.randint(0, 256, (2, 16)),)
-    raise SystemExit(f"qcompile: unknown model {model_name!r}; choose smollm2, minilm or tiny-llama")
+    reason = models.local_model_error(model_name)
+    if reason is not None:
+        raise SystemExit(
+            f"qcompile: unknown model {model_name!r}: not smollm2, minilm or tiny-llama, and not a local "
+            f"model folder or .gguf file ({reason})"
+        )
+    import torch
+
+    model, _ = models.load_local(model_name)
+    vocab = int(getattr(model.config, "vocab_size", 256))
+    return model, (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -91,11 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
     an = sub.add_parser("analyze", help="print the structural summary of a model")
-    an.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default), minilm, tiny-llama")
+    an.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2",
+        help="smollm2 (default), minilm, tiny-llama, or a local HF folder / .gguf file",
+    )
     an.add_argument("--layers", type=int, default=2, help="layers to list in detail")
     an.set_defaults(func=_cmd_analyze)
     ex = sub.add_parser("export-onnx", help="quantize a model and export it to ONNX (ONNX Runtime)")
-    ex.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default) or tiny-llama")
+    ex.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2",
+        help="smollm2 (default), tiny-llama, or a local HF folder / .gguf file",
+    )
     ex.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,

@@ -236,8 +236,7 @@ def plan_export(cmd: ExportCommand) -> ExportPlan:
     """Check every choice of ``cmd`` without loading a model: the model name, the recipe, the head,
     target and pass options, the calibration shape and that each ``--disable-pass`` names a pass of
     this pipeline. Raises :class:`ExportError` / ``RecipeError`` / ``TargetError`` (all ValueErrors)."""
-    if cmd.model not in MODELS:
-        raise ExportError(f"unknown model {cmd.model!r}; choose {' or '.join(MODELS)}")
+    _check_model(cmd.model)
     cmd.calibration_shape()
     recipe = _recipe(cmd)
     target = get_target("onnx")
@@ -253,15 +252,30 @@ def plan_export(cmd: ExportCommand) -> ExportPlan:
     return ExportPlan(recipe, passes)
 
 
+def _check_model(name: str) -> None:
+    """A packaged model name, or a local model :func:`qcompile.tools.models.load_local` reads."""
+    from qcompile.tools.models import local_model_error
+
+    if name in MODELS:
+        return
+    reason = local_model_error(name)
+    if reason is not None:
+        raise ExportError(
+            f"unknown model {name!r}: not a packaged model ({', '.join(MODELS)}) and not a local model "
+            f"folder or .gguf file ({reason})"
+        )
+
+
 def load_causal_lm(name: str) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) for the models the CLI knows."""
+    """(model, tokenizer): a packaged model by name, or a local Hugging Face folder / GGUF file."""
     from qcompile.tools import models
 
+    _check_model(name)
     if name == "smollm2":
         return models.load_smollm2()
     if name == "tiny-llama":
         return models.tiny_llama(), models.ByteTokenizer()
-    raise ExportError(f"unknown model {name!r}; choose {' or '.join(MODELS)}")
+    return models.load_local(name)
 
 
 def run_export(cmd: ExportCommand) -> Export:
@@ -272,6 +286,11 @@ def run_export(cmd: ExportCommand) -> Export:
     if plan.recipe.needs_calibration():
         from qcompile.tools.data import calibration_windows
 
+        if tok is None:
+            raise ExportError(
+                f"recipe {plan.recipe.name!r} calibrates on WikiText-2 text, and {cmd.model} has no "
+                "tokenizer files; add them to the folder or choose a recipe without calibration"
+            )
         calibration = calibration_windows(tok, *cmd.calibration_shape())
     kwargs = {
         "recipe": plan.recipe,
@@ -281,6 +300,8 @@ def run_export(cmd: ExportCommand) -> Export:
     }
     if not cmd.prefill_only:
         return export_decoder(model, cmd.out, **kwargs)
+    if tok is None:
+        raise ExportError(f"--prefill-only needs example text, and {cmd.model} has no tokenizer files")
     example = (tok("qcompile exports this sentence.", return_tensors="pt")["input_ids"].repeat(2, 1),)
     return export_prefill(model, example, cmd.out, **kwargs)
 

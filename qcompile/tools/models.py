@@ -213,6 +213,44 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def local_model_error(path: str | Path) -> str | None:
+    """None when ``path`` is a model :func:`load_local` can read, else why not (checked before loading)."""
+    p = Path(path)
+    if p.is_file():
+        return None if p.suffix == ".gguf" else f"{p} is a file but not a .gguf model"
+    if p.is_dir():
+        return (
+            None
+            if (p / "config.json").is_file()
+            else f"{p} has no config.json (not a Hugging Face model folder)"
+        )
+    return f"{p} does not exist"
+
+
+def load_local(path: str | Path, task: str = "causal-lm") -> tuple[Any, Any]:
+    """(model, tokenizer) from a local Hugging Face folder (``config.json`` + weights) or a GGUF file,
+    offline, float32, eval mode. The tokenizer is the folder's (or the GGUF's); a model folder without
+    tokenizer files whose vocabulary fits in bytes (≤ 256 ids) gets :class:`ByteTokenizer`, any other
+    gets None (commands that need text then say so). ``task``: ``causal-lm`` or ``encoder``."""
+    reason = local_model_error(path)
+    if reason is not None:
+        raise FileNotFoundError(reason)
+    _offline_env()
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    folder, extra = (p.parent, {"gguf_file": p.name}) if p.is_file() else (p, {})
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    model = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True, **extra)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    except (OSError, ValueError, TypeError):
+        vocab = getattr(model.config, "vocab_size", None)
+        tokenizer = ByteTokenizer() if vocab is not None and vocab <= 256 else None
+    return model, tokenizer
+
+
 def load_minilm() -> tuple[Any, Any]:
     """all-MiniLM-L6-v2 as a plain ``BertModel`` (hidden 384, 6 layers) and its tokenizer, in eval mode."""
     _offline_env()
