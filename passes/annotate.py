@@ -46,6 +46,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
 import torch.fx as fx
 
 from qcompile.analysis import patterns as P
@@ -205,10 +206,27 @@ class AnnotatePass(Pass):
                 f"{len(opts.overrides)} overrides) and neither embedding_bits nor kv_cache_bits is set; "
                 "include some roles or drop the annotate and quantize passes",
             )
+        self._check_finite(qgraph, by_name, [*linears, *(site.node for site in embeddings)])
         embedding_rows, cache_rows = self._write(qgraph, by_name, linears, embeddings, kv)
         report = _report(self.options.overrides, st, linears, excluded, embedding_rows, cache_rows)
         report["unrecognised"] = unrecognised
         return PassResult(qgraph, changed=False, report=report, summary=_summary(report))
+
+    def _check_finite(self, qgraph: QGraph, by_name: dict[str, fx.Node], names: list[str]) -> None:
+        """A NaN or Inf weight would make every scale of its group NaN and the quantized model garbage
+        with no error: refuse it here, before anything is quantized, naming the node."""
+        for name in names:
+            node = by_name[name]
+            weight = node.args[0] if P.is_op(node, P.EMBEDDING_OPS) else node.args[1]
+            value = qgraph.get_constant(weight)
+            bad = (~torch.isfinite(value)).sum().item() if value.is_floating_point() else 0
+            if bad:
+                raise PassError(
+                    self.name,
+                    f"the weight `{weight.target}` holds {bad} NaN/Inf value(s): a quantization scale "
+                    "computed from it would be NaN; fix the checkpoint (or leave this linear out)",
+                    node=name,
+                )
 
     def _write(
         self,
