@@ -145,7 +145,7 @@ def test_recipe_runs_and_the_analysis_sees_what_it_sees_through_capture() -> Non
     model = tiny_llama()
     debug: list[cb.CompiledGraph] = []
     compiled = torch.compile(
-        model, backend="qcompile", options={"recipe": "fp", "debug": debug}, dynamic=True
+        model, backend="qcompile", options={"recipe": "fp", "debug": debug, "inductor": False}, dynamic=True
     )
     ids = token_ids(2, 8)
     with torch.no_grad():
