@@ -293,6 +293,7 @@ _CACHE_LOCK = threading.Lock()
 # (weights stamp, options key) -> [(Dynamo's graph, its symbolic product)]: what a specialisation
 # of the same code can reuse (qcompile.frontend.compile_reuse)
 _SYMBOLIC: dict[tuple, list[tuple[fx.GraphModule, list[int], _Product]]] = {}
+_WEIGHTS_OF: dict[tuple, _WeightsKey] = {}  # the weights of each _SYMBOLIC group (to drop dead ones)
 
 
 def clear_cache() -> None:
@@ -300,6 +301,7 @@ def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
         _SYMBOLIC.clear()
+        _WEIGHTS_OF.clear()
 
 
 def _is_symbolic(qgraph: QGraph) -> bool:
@@ -308,6 +310,22 @@ def _is_symbolic(qgraph: QGraph) -> bool:
         if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
             return True
     return False
+
+
+def _remember_symbolic(
+    group: tuple, weights: _WeightsKey, gm: fx.GraphModule, weight_indices: list[int], product: _Product
+) -> None:
+    """Keep a symbolic product for later specialisations; entries whose weights were freed go, and at
+    most ``_CACHE_SIZE`` are kept (oldest dropped), like the cache itself."""
+    for key in [k for k, entries in _SYMBOLIC.items() if not _WEIGHTS_OF[k].alive()]:
+        del _SYMBOLIC[key], _WEIGHTS_OF[key]
+    _SYMBOLIC.setdefault(group, []).append((gm, list(weight_indices), product))
+    _WEIGHTS_OF[group] = weights
+    while sum(len(v) for v in _SYMBOLIC.values()) > _CACHE_SIZE:
+        oldest = next(iter(_SYMBOLIC))
+        _SYMBOLIC[oldest].pop(0)
+        if not _SYMBOLIC[oldest]:
+            del _SYMBOLIC[oldest], _WEIGHTS_OF[oldest]
 
 
 def _reuse_symbolic(
@@ -555,7 +573,7 @@ def _cached_compile(
         _cache_put(key, weights, product)
         if _is_symbolic(product.entry.lowered or product.entry.qgraph):
             with _CACHE_LOCK:
-                _SYMBOLIC.setdefault(group, []).append((gm, list(weight_indices), product))
+                _remember_symbolic(group, weights, gm, weight_indices, product)
     _record(product.entry, opts.debug)
     return product
 
