@@ -195,3 +195,21 @@ def test_generate_on_a_compiled_quantized_model() -> None:
     assert tokens.shape == (1, 10) and torch.equal(tokens, expected)
     lowered = [e.lowering.result("lower_kernels").report["lowered"] for e in cb.compiled_graphs()]
     assert len(lowered) >= 2 and set(lowered) == {14}
+
+
+def test_lower_kernels_reports_why_it_keeps_a_reference(tiny_model) -> None:
+    import qcompile
+    from qcompile.pipeline.contract import PassContext
+    from qcompile.pipeline.manager import PassManager
+    from qcompile.pipeline.recipe import PassSpec
+
+    ids = token_ids(2, 8)
+    quantized = qcompile.quantize(tiny_model, "w4a16-rtn", example_inputs=(ids,), progress=False)
+    expected = quantized(ids).logits
+    for backend, reason in [("reference", "lowering backend 'reference'"), ("nope", "failed to import")]:
+        passes = [PassSpec("fold_qdq").build(), PassSpec("lower_kernels", {"backend": backend}).build()]
+        result = PassManager(passes).run(quantized.qgraph, PassContext(show_progress=False))
+        report = result.result("lower_kernels").report
+        assert report["lowered"] == 0 and len(report["nodes"]) == 14
+        assert all(reason in c["reason"] and c["kernel"] is None for c in report["nodes"].values())
+        torch.testing.assert_close(result.qgraph(ids).logits, expected, rtol=0, atol=1e-5)
