@@ -183,18 +183,37 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
 
 
 def test_generate_on_a_compiled_quantized_model() -> None:
-    """``model.generate`` through the front door: a prefill graph, then decode steps with a KV cache
-    (one static step, then a symbolic one). The tiny model's greedy tokens do not move under int4
-    RTN (checked against the float model): a kernel computing garbage would change them."""
+    """``model.generate`` through the front door with ``dynamic=True``: a prefill graph, then decode
+    steps with a KV cache — Dynamo specialises the first step (one token) and the second reuses its
+    symbolic product. The tiny model's greedy tokens do not move under int4 RTN (checked against
+    the float model): a kernel computing garbage would change them."""
     ids = token_ids(1, 6)
     expected = tiny_llama(use_cache=True).eval().generate(ids, max_new_tokens=4, do_sample=False)
     model = tiny_llama(use_cache=True).eval()
     opts = {"recipe": "w4a16-rtn", "inductor": False}
-    model.forward = torch.compile(model.forward, backend="qcompile", options=opts)
+    model.forward = torch.compile(model.forward, backend="qcompile", options=opts, dynamic=True)
     tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert tokens.shape == (1, 10) and torch.equal(tokens, expected)
-    lowered = [e.lowering.result("lower_kernels").report["lowered"] for e in cb.compiled_graphs()]
-    assert len(lowered) >= 2 and set(lowered) == {14}
+    graphs = cb.compiled_graphs()
+    assert {e.lowering.result("lower_kernels").report["lowered"] for e in graphs} == {14}
+    assert sum(not e.cache_hit for e in graphs) == 2  # prefill and the decode step; the rest reused
+
+
+def test_inductor_runner_takes_inputs_in_any_layout() -> None:
+    """Inductor asserts the strides it compiled for; a KV cache changes layout between decode steps,
+    so the runner is compiled for contiguous inputs and makes them so."""
+    from qcompile import capture
+    from qcompile.frontend.compile_lowering import inductor_runner
+
+    class Scale(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 + 1
+
+    qgraph = capture(Scale(), (torch.randn(3, 4, 5),))
+    run = inductor_runner(qgraph)
+    x = torch.randn(3, 5, 4).transpose(1, 2)  # [3, 4, 5], not contiguous
+    torch.testing.assert_close(run([x])[0], x * 2 + 1)
+    assert run([torch.randn(2, 4, 7)])[0].shape == (2, 4, 7)  # symbolic sizes: one compile, any shape
 
 
 def test_lower_kernels_reports_why_it_keeps_a_reference(tiny_model) -> None:

@@ -82,15 +82,27 @@ def inductor_runner(qgraph: QGraph) -> Callable[[list[Any]], Any]:
     from torch._inductor.compile_fx import compile_fx
 
     gm = qgraph.graph_module
-    fakes = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [_contiguous_fake(n.meta["val"]) for n in gm.graph.nodes if n.op == "placeholder"]
     with torch._guards.tracing(None), torch._guards.compile_context(None), torch.no_grad():
         compiled = compile_fx(gm, fakes)
 
     def run(flat: list[Any]) -> Any:
+        # Inductor's code asserts the strides it was compiled for; a KV cache's layout changes between
+        # steps (the first holds the transposed prefill keys, later ones a concatenation), so the
+        # graph is compiled for contiguous inputs and gets them (a no-op for contiguous ones).
+        flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in flat]
         with torch.no_grad():
             return compiled(*flat)
 
     return run
+
+
+def _contiguous_fake(val: Any) -> Any:
+    """A contiguous fake tensor of ``val``'s shape (symbolic sizes kept), in ``val``'s fake mode."""
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return val
+    with val.fake_mode:
+        return torch.empty(val.shape, dtype=val.dtype, device=val.device)
 
 
 def eager_runner(qgraph: QGraph) -> Callable[[list[Any]], Any]:
