@@ -132,12 +132,30 @@ def test_compile_lowers_to_cpu_kernels_and_inductor_once_per_model(tiny_model) -
     assert {c["kernel"] for c in report["nodes"].values()} == {"cpu: qcompile_cpu.qlinear_w.default"}
     ran = list(counter.ran)
     assert ran.count("quantize") == 1 and ran.count("lower_kernels") == 1
+    _check_kept_references(entries[0].qgraph)
     torch._dynamo.reset()
     again = torch.compile(tiny_model, backend="qcompile", options=opts, dynamic=True)
     with torch.no_grad():
         again(token_ids(4, 6))
     assert counter.ran == ran, "the cached quantized graph was recompiled"
     assert cb.last_compiled().cache_hit
+
+
+def _check_kept_references(quantized) -> None:  # noqa: ANN001
+    """``lower_kernels`` without a usable backend keeps every call on its reference and says why."""
+    from qcompile.pipeline.contract import PassContext
+    from qcompile.pipeline.manager import PassManager
+    from qcompile.pipeline.recipe import PassSpec
+
+    ids = token_ids(2, 8)
+    expected = quantized(ids)[0]  # Dynamo's graph returns a flat tuple; the logits first
+    for backend, reason in [("reference", "lowering backend 'reference'"), ("nope", "failed to import")]:
+        passes = [PassSpec("fold_qdq").build(), PassSpec("lower_kernels", {"backend": backend}).build()]
+        result = PassManager(passes, use_env=False).run(quantized, PassContext(show_progress=False))
+        report = result.result("lower_kernels").report
+        assert report["lowered"] == 0 and len(report["nodes"]) == 14
+        assert all(reason in c["reason"] and c["kernel"] is None for c in report["nodes"].values())
+        torch.testing.assert_close(result.qgraph(ids)[0], expected, rtol=0, atol=1e-5)
 
 
 def test_calibrating_recipe_through_options(tiny_model) -> None:
@@ -214,21 +232,3 @@ def test_inductor_runner_takes_inputs_in_any_layout() -> None:
     x = torch.randn(3, 5, 4).transpose(1, 2)  # [3, 4, 5], not contiguous
     torch.testing.assert_close(run([x])[0], x * 2 + 1)
     assert run([torch.randn(2, 4, 7)])[0].shape == (2, 4, 7)  # symbolic sizes: one compile, any shape
-
-
-def test_lower_kernels_reports_why_it_keeps_a_reference(tiny_model) -> None:
-    import qcompile
-    from qcompile.pipeline.contract import PassContext
-    from qcompile.pipeline.manager import PassManager
-    from qcompile.pipeline.recipe import PassSpec
-
-    ids = token_ids(2, 8)
-    quantized = qcompile.quantize(tiny_model, "w4a16-rtn", example_inputs=(ids,), progress=False)
-    expected = quantized(ids).logits
-    for backend, reason in [("reference", "lowering backend 'reference'"), ("nope", "failed to import")]:
-        passes = [PassSpec("fold_qdq").build(), PassSpec("lower_kernels", {"backend": backend}).build()]
-        result = PassManager(passes).run(quantized.qgraph, PassContext(show_progress=False))
-        report = result.result("lower_kernels").report
-        assert report["lowered"] == 0 and len(report["nodes"]) == 14
-        assert all(reason in c["reason"] and c["kernel"] is None for c in report["nodes"].values())
-        torch.testing.assert_close(result.qgraph(ids).logits, expected, rtol=0, atol=1e-5)
