@@ -11,6 +11,7 @@ from qcompile.passes import (  # noqa: F401
     fuse_norms,
     identity,
     keep_reference,
+    lower_kernels,
     quantize,
     rotate,
     smooth,

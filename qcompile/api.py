@@ -107,7 +107,7 @@ def quantize(
         instruments: pass-manager instruments (dump IR, timing, stop-after, equivalence check).
     """
     recipe_obj = load_recipe(recipe)
-    batches = _calibration_batches(recipe_obj, calibration, tokenizer, progress)
+    batches = calibration_batches_for(recipe_obj, calibration, tokenizer, progress)
     if isinstance(model, QGraph):
         qgraph = model
     else:
@@ -174,9 +174,13 @@ def _continuing_dump(instruments: Iterable[Instrument] | None) -> list[Instrumen
     return given
 
 
-def _calibration_batches(
-    recipe: Recipe, calibration: Any, tokenizer: Any, progress: bool
+def calibration_batches_for(
+    recipe: Recipe, calibration: Any, tokenizer: Any, progress: bool = True
 ) -> list[tuple] | None:
+    """The calibration batches ``recipe`` runs on: ``calibration`` (batches or a
+    :class:`CalibrationConfig`), or with only a tokenizer and a calibrating recipe
+    ``CalibrationConfig()`` over wiki.valid.tokens; None when the recipe needs none. Shared by
+    :func:`quantize` and the ``torch.compile`` backend's ``calibration`` / ``tokenizer`` options."""
     if calibration is None and tokenizer is not None and recipe.needs_calibration():
         calibration = CalibrationConfig()
     if isinstance(calibration, CalibrationConfig):

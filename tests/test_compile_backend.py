@@ -145,7 +145,7 @@ def test_recipe_runs_and_the_analysis_sees_what_it_sees_through_capture() -> Non
     model = tiny_llama()
     debug: list[cb.CompiledGraph] = []
     compiled = torch.compile(
-        model, backend="qcompile", options={"recipe": "fp", "debug": debug}, dynamic=True
+        model, backend="qcompile", options={"recipe": "fp", "debug": debug, "inductor": False}, dynamic=True
     )
     ids = token_ids(2, 8)
     with torch.no_grad():
@@ -227,3 +227,21 @@ def test_capture_dynamo_graph_rejects_mismatched_inputs() -> None:
     gm = torch.fx.symbolic_trace(TinyMLP())
     with pytest.raises(CaptureError, match="placeholders"):
         cb.capture_dynamo_graph(gm, [])
+
+
+def test_a_graph_dynamo_reuses_for_other_weights_runs_those_weights() -> None:
+    """With inlined nn modules the parameters are graph inputs, so Dynamo runs one compiled graph for
+    every module instance it was traced from; the backend's weights are frozen copies, so it must
+    notice other weights arriving (it used to return the first instance's outputs)."""
+    first, second = seeded(nn.Linear(4, 4), 0), seeded(nn.Linear(4, 4), 1)
+
+    def apply(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block(x) * 2
+
+    compiled = torch.compile(apply, backend="qcompile")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(first, x), apply(first, x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(compiled(second, x), apply(second, x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(compiled(first, x), apply(first, x), rtol=0, atol=1e-6)
+    assert len(cb.compiled_graphs()) == 2  # Dynamo's one graph, compiled once per weight set

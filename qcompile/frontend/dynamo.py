@@ -127,13 +127,16 @@ def _dynamic_dims(node: fx.Node) -> dict[int, Any] | None:
 
     The QGraph is exactly as general as Dynamo's graph: a static Dynamo graph (the first compile)
     gives a static QGraph, like ``capture(dynamic=False)``; after a recompile for a new shape the
-    changed dims are symbolic, like ``capture``'s default. ``Dim.DYNAMIC`` (not ``AUTO``) so that
-    export refuses, at compile time, to specialise a dim Dynamo will feed other sizes.
+    changed dims are symbolic, like ``capture``'s default. ``Dim.AUTO``, not ``DYNAMIC``: with
+    ``torch.compile(dynamic=True)`` Dynamo marks every dim symbolic, also those the code pins (a KV
+    cache's head count and head size, read from the config), which ``DYNAMIC`` would turn into an
+    export error; ``AUTO`` lets export keep those static, as Dynamo's own guards do (a call with
+    another size fails Dynamo's guards and recompiles; the exported module checks its inputs too).
     """
     fake = node.meta.get("example_value")
     if not isinstance(fake, torch.Tensor):
         return None
-    dims = {d: Dim.DYNAMIC for d, size in enumerate(fake.shape) if isinstance(size, torch.SymInt)}
+    dims = {d: Dim.AUTO for d, size in enumerate(fake.shape) if isinstance(size, torch.SymInt)}
     return dims or None
 
 

@@ -80,8 +80,10 @@ INFO_DECODER = "decoder"
 INFO_QUANTIZE = "quantize"
 INFO_FOLD = "fold_qdq"
 INFO_ATTENTION = "fuse_attention"
+# node name -> the kernel (backend and op) lower_kernels chose, or why it kept the reference
+INFO_KERNELS = "lower_kernels"
 
-INFO_KEYS = (INFO_STRUCTURE, INFO_DECODER, INFO_QUANTIZE, INFO_FOLD, INFO_ATTENTION)
+INFO_KEYS = (INFO_STRUCTURE, INFO_DECODER, INFO_QUANTIZE, INFO_FOLD, INFO_ATTENTION, INFO_KERNELS)
 
 # ---- ctx.state -----------------------------------------------------------------------------------
 

@@ -140,6 +140,33 @@ FOLDED = register_fact(
 )
 
 
+def _kernels_lowered(ir: Any, ctx: Any) -> str | None:
+    if (why := _qgraph(ir)) is not None:
+        return why
+    chosen = ir.info.get(keys.INFO_KERNELS)
+    if chosen is None:
+        return "no kernel lowering recorded (qgraph.info lower_kernels)"
+    live = {n.name: n for n in ir.graph.nodes if n.op == "call_function"}
+    for name, choice in chosen.items():
+        node = live.get(name)
+        if node is None:
+            return f"the lowering names `{name}`, which is not in the graph"
+        in_qcompile = getattr(node.target, "namespace", "") == "qcompile"
+        if choice.get("kernel") and in_qcompile:
+            return f"`{name}` was lowered to {choice['kernel']} but still calls {node.target}"
+    return None
+
+
+KERNELS_LOWERED = register_fact(
+    Fact(
+        "kernels_lowered",
+        "every qlinear / hadamard call a kernel backend supports replaced by that kernel (choices in "
+        "qgraph.info lower_kernels)",
+        _kernels_lowered,
+    )
+)
+
+
 # ---- quantization annotations (the annotate pass) ------------------------------------------------------
 
 
