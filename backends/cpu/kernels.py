@@ -213,9 +213,8 @@ def _int4_reason(args: dict[str, Any]) -> str | None:
     return None
 
 
-def supports_qlinear_w(args: dict[str, Any], device: torch.device) -> str | None:
-    """None when a CPU kernel computes this ``qcompile::qlinear_w`` call, else why not."""
-    why = _common_reason(args, device, "x")
+def _supports(args: dict[str, Any], device: torch.device, activation: str) -> str | None:
+    why = _common_reason(args, device, activation)
     if why is not None:
         return why
     bits = int(args["w_bits"])
@@ -224,19 +223,16 @@ def supports_qlinear_w(args: dict[str, Any], device: torch.device) -> str | None
     if bits == 8:
         return _int8_reason(args)
     return f"w_bits {bits}: the CPU kernels take 4 or 8"
+
+
+def supports_qlinear_w(args: dict[str, Any], device: torch.device) -> str | None:
+    """None when a CPU kernel computes this ``qcompile::qlinear_w`` call, else why not."""
+    return _supports(args, device, "x")
 
 
 def supports_qlinear_wa(args: dict[str, Any], device: torch.device) -> str | None:
     """None when a CPU kernel computes this ``qcompile::qlinear_wa`` call, else why not."""
-    why = _common_reason(args, device, "xq")
-    if why is not None:
-        return why
-    bits = int(args["w_bits"])
-    if bits == 4:
-        return _int4_reason(args)
-    if bits == 8:
-        return _int8_reason(args)
-    return f"w_bits {bits}: the CPU kernels take 4 or 8"
+    return _supports(args, device, "xq")
 
 
 def _prepared_weight(args: dict[str, Any]) -> dict[str, Any]:
