@@ -218,6 +218,8 @@ class AnnotatePass(Pass):
         for name in names:
             node = by_name[name]
             weight = node.args[0] if P.is_op(node, P.EMBEDDING_OPS) else node.args[1]
+            if not qgraph.is_constant(weight):  # quantized by an earlier pass: reads a dequantize
+                continue
             value = qgraph.get_constant(weight)
             bad = (~torch.isfinite(value)).sum().item() if value.is_floating_point() else 0
             if bad:
