@@ -349,3 +349,12 @@ def test_quantized_activations_are_not_requantized_in_kernel(tiny_model, tiny_de
     assert set(levels(tmp_path / "l1.onnx").values()) == {1}
     assert set_accuracy_level(tmp_path / "l1.onnx", tmp_path / "l4.onnx", 4) == 1
     assert levels(tmp_path / "l4.onnx") == written
+
+
+def test_the_same_recipe_writes_byte_identical_files(rope_model, rope_decoder, tmp_path):
+    """Determinism: one recipe, one seed, one thread count -> the same bytes (weights, graph, names)."""
+    paths = [tmp_path / f"run{i}.onnx" for i in range(2)]
+    for path in paths:
+        export_decoder(rope_model, path, recipe="w4a16-rtn", qgraph=rope_decoder)
+    first, second = (p.read_bytes() for p in paths)
+    assert len(first) > 10_000 and first == second
