@@ -21,7 +21,6 @@ README, not hidden.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +29,7 @@ import torch.fx as fx
 
 from qcompile.ir import QGraph, keys
 from qcompile.ops import HADAMARD, QLINEAR_W, QLINEAR_WA
-from qcompile.ops.registry import REFERENCE, KernelImpl, implementation, implementations, op_name
+from qcompile.ops.registry import REFERENCE, KernelImpl, implementation, op_name
 from qcompile.pipeline import facts
 from qcompile.pipeline.contract import Pass, PassContext, PassError, PassResult, register_pass
 
@@ -44,28 +43,14 @@ def backend_for(device: torch.device) -> str:
 
 
 def load_backend(backend: str) -> str | None:
-    """Import ``qcompile.backends.<backend>`` (registering its kernels); None, or why it failed.
-
-    A backend package whose ``__init__`` registers nothing (its kernels register where they are
-    defined, one module per kernel) has its modules imported one by one; one that fails to import
-    only loses its own kernels.
-    """
+    """Import ``qcompile.backends.<backend>`` (its ``__init__`` registers its kernels); None, or why the
+    import failed (the calls then keep their reference implementations)."""
     if backend == REFERENCE:
         return None
     try:
-        package = importlib.import_module(f"qcompile.backends.{backend}")
+        importlib.import_module(f"qcompile.backends.{backend}")
     except Exception as exc:  # Triton without a GPU, a missing extra, ...: keep the references
         return f"qcompile.backends.{backend} failed to import ({type(exc).__name__}: {exc})"
-    if implementations(backend) or not hasattr(package, "__path__"):
-        return None
-    problems = []
-    for module in pkgutil.iter_modules(package.__path__):
-        try:
-            importlib.import_module(f"{package.__name__}.{module.name}")
-        except Exception as exc:
-            problems.append(f"{module.name}: {type(exc).__name__}: {exc}")
-    if not implementations(backend) and problems:
-        return f"qcompile.backends.{backend} registered no kernel ({'; '.join(problems)})"
     return None
 
 

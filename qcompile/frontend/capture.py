@@ -19,6 +19,7 @@ from torch.export import Dim
 
 from qcompile.frontend.linear_forms import canonicalize_linears, split_fused_linears
 from qcompile.ir import QGraph, keys
+from qcompile.ir.qgraph import resolve_attr
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     _drop_unused_constants(gm)
     for node in graph.nodes:
         if node.op == "get_attr":
-            value = _resolve(gm, str(node.target))
+            value = resolve_attr(gm, str(node.target))
             if isinstance(value, torch.Tensor):
                 node.meta["val"] = value.detach().to("meta")
     missing = [n.name for n in graph.nodes if n.op not in ("output",) and "val" not in n.meta]
@@ -223,13 +224,6 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
-
-
-def _resolve(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _freeze_parameters(gm: torch.nn.Module) -> None:

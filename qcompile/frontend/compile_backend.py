@@ -519,17 +519,16 @@ class _Compiled:
     def entry(self) -> CompiledGraph:
         return self.product.entry
 
-    def _same_weights(self, args: tuple) -> bool:
-        return all(r() is args[i] for r, i in zip(self.weight_refs, self.weight_indices, strict=True))
+    def _holds(self, refs: list[weakref.ref], args: tuple) -> bool:
+        """Are ``args``' weights the very tensors ``refs`` point at (identity, no data compared)?"""
+        return all(r() is args[i] for r, i in zip(refs, self.weight_indices, strict=True))
 
     def _product_for(self, args: tuple) -> _Product:
-        if self._same_weights(args):
+        if self._holds(self.weight_refs, args):
             return self.product
         ids = tuple(id(args[i]) for i in self.weight_indices)
         found = self.variants.get(ids)
-        if found is not None and all(
-            r() is args[i] for r, i in zip(found[0], self.weight_indices, strict=True)
-        ):
+        if found is not None and self._holds(found[0], args):
             return found[1]
         log.info("qcompile backend: a compiled graph is called with other weights; compiling them too")
         examples = list(self.examples)

@@ -33,29 +33,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from qcompile.ir.qgraph import resolve_attr, set_buffer
+
 aten = torch.ops.aten
 
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
 
 
-def _resolve(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_buffer(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    path, _, name = target.rpartition(".")
-    owner = _resolve(gm, path) if path else gm
-    if name in owner._parameters:
-        del owner._parameters[name]
-    owner.register_buffer(name, value, persistent=True)
-
-
 def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = _resolve(gm, str(node.target))
+        value = resolve_attr(gm, str(node.target))
         if isinstance(value, torch.Tensor):
             return value
     return None
@@ -91,14 +78,14 @@ def _weight_out_in(gm: fx.GraphModule, mat2: Any) -> tuple[str, fx.Node] | None:
 def _transposed_weight(gm: fx.GraphModule, weight: fx.Node, readers: set[fx.Node]) -> fx.Node:
     """A get_attr of ``weight``'s constant transposed to ``[out, in]``, contiguous: the constant is
     replaced in place when ``readers`` are all its users, else a new constant is added."""
-    value = _resolve(gm, str(weight.target))
+    value = resolve_attr(gm, str(weight.target))
     transposed = value.detach().t().contiguous()
     if set(weight.users) <= readers:
-        _set_buffer(gm, str(weight.target), transposed)
+        set_buffer(gm, str(weight.target), transposed)
         weight.meta["val"] = transposed.to("meta")
         return weight
     target = f"{weight.target}_linear"
-    _set_buffer(gm, target, transposed)
+    set_buffer(gm, target, transposed)
     with gm.graph.inserting_after(weight):
         node = gm.graph.get_attr(target)
     node.meta["val"] = transposed.to("meta")
@@ -133,7 +120,7 @@ def canonicalize_linears(gm: fx.GraphModule) -> int:
         if form is None:
             continue
         kind, weight = form
-        out_features = _resolve(gm, str(weight.target)).shape[0 if kind == "direct" else 1]
+        out_features = resolve_attr(gm, str(weight.target)).shape[0 if kind == "direct" else 1]
         if bias is not None:
             b = _constant(gm, bias)
             if b is None or b.dim() != 1 or b.shape[0] != out_features:
@@ -254,7 +241,7 @@ def split_fused_linears(gm: fx.GraphModule) -> int:
 
 
 def _new_constant(gm: fx.GraphModule, anchor: fx.Node, target: str, value: torch.Tensor) -> fx.Node:
-    _set_buffer(gm, target, value)
+    set_buffer(gm, target, value)
     with gm.graph.inserting_after(anchor):
         node = gm.graph.get_attr(target)
     node.meta["val"] = value.to("meta")

@@ -27,6 +27,24 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from qcompile.ir import keys
 
 
+def resolve_attr(module: torch.nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target (``"model.layers.0.mlp.up_proj.weight"``) names in ``module``."""
+    obj: Any = module
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Register ``value`` as the (persistent) buffer ``target`` of ``module``, replacing a parameter
+    or buffer of that name: new storage, the old tensor is never written into."""
+    path, _, leaf = str(target).rpartition(".")
+    owner = resolve_attr(module, path) if path else module
+    owner._parameters.pop(leaf, None)
+    owner._buffers.pop(leaf, None)
+    owner.register_buffer(leaf, value.detach(), persistent=True)
+
+
 class QGraph:
     """A captured model: a frozen ATen ``GraphModule`` plus the pytree specs of its signature."""
 
@@ -117,9 +135,7 @@ class QGraph:
 
     def get_constant(self, node_or_target: fx.Node | str) -> torch.Tensor:
         target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target
-        obj: Any = self.graph_module
-        for part in str(target).split("."):
-            obj = getattr(obj, part)
+        obj = resolve_attr(self.graph_module, str(target))
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"QGraph: get_attr target {target!r} is not a tensor")
         return obj
@@ -127,16 +143,7 @@ class QGraph:
     def set_constant(self, node_or_target: fx.Node | str, value: torch.Tensor) -> None:
         """Replace a constant's tensor (new storage; never writes into the old one)."""
         target = str(node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target)
-        *path, leaf = target.split(".")
-        owner: Any = self.graph_module
-        for part in path:
-            owner = getattr(owner, part)
-        value = value.detach()
-        if leaf in getattr(owner, "_parameters", {}):
-            del owner._parameters[leaf]
-        if leaf in getattr(owner, "_buffers", {}):
-            del owner._buffers[leaf]
-        owner.register_buffer(leaf, value, persistent=True)
+        set_buffer(self.graph_module, target, value)
         for node in self.graph.nodes:
             if node.op == "get_attr" and node.target == target:
                 node.meta["val"] = value.to("meta")
