@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from qcompile.analysis.patterns import RESHAPE_OPS
 from qcompile.ir.qgraph import resolve_attr, set_buffer
 
 aten = torch.ops.aten
@@ -84,52 +85,52 @@ def _transposed_weight(gm: fx.GraphModule, weight: fx.Node, readers: set[fx.Node
         set_buffer(gm, str(weight.target), transposed)
         weight.meta["val"] = transposed.to("meta")
         return weight
-    target = f"{weight.target}_linear"
-    set_buffer(gm, target, transposed)
-    with gm.graph.inserting_after(weight):
-        node = gm.graph.get_attr(target)
-    node.meta["val"] = transposed.to("meta")
-    return node
+    return _new_constant(gm, weight, f"{weight.target}_linear", transposed)
+
+
+def _mat2_and_bias(node: fx.Node) -> tuple[Any, Any] | None:
+    """``(mat2, bias)`` of an ``mm`` / 2-D-or-more ``matmul`` / plain ``addmm`` (None for anything else)."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.mm.default:
+        return node.args[1], None
+    if node.target is aten.matmul.default:
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        return (node.args[1], None) if val is not None and val.dim() >= 2 else None  # 1-D: a vector product
+    if (
+        node.target is aten.addmm.default
+        and node.kwargs.get("beta", 1) == 1
+        and node.kwargs.get("alpha", 1) == 1
+    ):
+        return node.args[2], node.args[0]
+    return None
 
 
 def canonicalize_linears(gm: fx.GraphModule) -> int:
     """Rewrite every ``mm`` / ``addmm`` / ``matmul`` that is a linear layer with constant parameters into
     ``aten.linear`` (module docstring); returns how many. In place on ``gm`` (capture's private copy)."""
     graph = gm.graph
-    candidates: list[tuple[fx.Node, Any, Any, fx.Node | None]] = []  # node, x, mat2, bias
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is aten.mm.default:
-            candidates.append((node, node.args[0], node.args[1], None))
-        elif node.target is aten.matmul.default:
-            x = node.args[0]
-            val = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if val is not None and val.dim() >= 2:  # a 1-D x makes matmul a vector product
-                candidates.append((node, x, node.args[1], None))
-        elif node.target is aten.addmm.default:
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                continue
-            bias = node.args[0]
-            candidates.append((node, node.args[1], node.args[2], bias))
-    # every mm/addmm reading a [in, out] constant, grouped by that constant (to replace it in place)
-    plans: list[tuple[fx.Node, Any, str, fx.Node, fx.Node | None]] = []
+    # every product that is a linear layer; those reading an [in, out] constant grouped by that
+    # constant (to replace it in place when they are its only readers)
+    plans: list[tuple[fx.Node, str, fx.Node, fx.Node | None]] = []
     readers: dict[fx.Node, set[fx.Node]] = {}
-    for node, x, mat2, bias in candidates:
-        form = _weight_out_in(gm, mat2)
+    for node in graph.nodes:
+        operands = _mat2_and_bias(node)
+        form = _weight_out_in(gm, operands[0]) if operands is not None else None
         if form is None:
             continue
+        bias = operands[1]
         kind, weight = form
         out_features = resolve_attr(gm, str(weight.target)).shape[0 if kind == "direct" else 1]
         if bias is not None:
             b = _constant(gm, bias)
             if b is None or b.dim() != 1 or b.shape[0] != out_features:
                 continue
-        plans.append((node, x, kind, weight, bias))
+        plans.append((node, kind, weight, bias))
         if kind == "transpose":
             readers.setdefault(weight, set()).add(node)
     transposed: dict[fx.Node, fx.Node] = {}
-    for node, _, kind, weight, bias in plans:
+    for node, kind, weight, bias in plans:
         if kind == "transpose":
             if weight not in transposed:
                 transposed[weight] = _transposed_weight(gm, weight, readers[weight])
@@ -149,7 +150,6 @@ def canonicalize_linears(gm: fx.GraphModule) -> int:
 
 # ---- fused projections ---------------------------------------------------------------------------
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
@@ -180,7 +180,7 @@ def _fused_linear_plan(
     width, chain, node = w.shape[0], [], linear
     while len(node.users) == 1:
         (user,) = node.users
-        if user.target in _VIEWS and user.args[1][-1] in (width, -1):
+        if user.target in RESHAPE_OPS and user.args[1][-1] in (width, -1):
             chain.append(user)
             node = user
             continue
